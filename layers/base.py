@@ -1,0 +1,187 @@
+"""The Layer contract every Caffe layer implementation follows.
+
+A layer is built once from its ``LayerParameter`` and the shapes of its bottoms (Caffe's
+``LayerSetUp``), owns its learnable blobs as torch parameters (Caffe's ``blobs_``, in Caffe's
+order), and computes its tops from its bottoms in ``forward`` with differentiable torch ops,
+so autograd supplies Caffe's backward.  Where Caffe's backward is *not* the mathematical
+gradient of its forward, the layer says so with a custom ``torch.autograd.Function``.
+
+Life of a layer inside :class:`caffe_compat.net.Net`:
+
+1. ``__init__(param, bottom_shapes, ctx)``: read the layer's ``*_param``, check bottoms,
+   create blobs with ``add_blob`` (filled by Caffe's filler; weights may be loaded later).
+2. ``infer_top_shapes(bottom_shapes)``: Caffe's ``Reshape``.  By default the layer's own
+   ``forward`` runs on meta tensors (no memory, no compute), so most layers need not
+   write shape code; layers whose top shapes depend on data override it.
+3. ``forward(*bottoms) -> tuple of tops``: pure (no in-place writes to bottoms); the net
+   rebinds in-place tops by name, which removes Caffe's aliasing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from caffe_compat.errors import GraphError, SchemaError, ShapeError
+from caffe_compat.fillers import fill
+
+Shape = Tuple[int, ...]
+
+TRAIN = "TRAIN"
+TEST = "TEST"
+
+
+@dataclass
+class BuildContext:
+    """What a layer may know about the net being built (never other layers)."""
+
+    phase: str = TEST
+    generator: Optional[torch.Generator] = None
+    source_dir: str = "."
+    allow_python_layers: bool = False
+    stages: Tuple[str, ...] = ()
+    level: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Layer(nn.Module):
+    """Base class of every layer; see the module docstring for the contract."""
+
+    #: set by ``@register``
+    type_names: Tuple[str, ...] = ()
+    #: loss layers weigh top 0 by 1 unless ``loss_weight`` says otherwise
+    is_loss: bool = False
+    #: Input-like layers whose tops the user feeds (``net.forward(data=...)``)
+    accepts_feed: bool = False
+    # Caffe's ExactNumBottomBlobs/MinBottomBlobs/... (None: no constraint)
+    exact_bottoms: Optional[int] = None
+    min_bottoms: Optional[int] = None
+    max_bottoms: Optional[int] = None
+    exact_tops: Optional[int] = None
+    min_tops: Optional[int] = None
+    max_tops: Optional[int] = None
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):
+        super().__init__()
+        self.param = param
+        self.name: str = param.name
+        self.phase: str = ctx.phase
+        self.ctx = ctx
+        self.bottom_names: List[str] = list(param.bottom)
+        self.top_names: List[str] = list(param.top)
+        #: attribute names of Caffe's blobs_, in Caffe's order (parameters or buffers)
+        self.blob_names: List[str] = []
+        self._check_counts(len(bottom_shapes), len(param.top))
+
+    # ------------------------------------------------------------------ helpers
+    def _check_counts(self, n_bottom: int, n_top: int) -> None:
+        def check(n: int, exact, lo, hi, what: str) -> None:
+            if exact is not None and n != exact:
+                raise GraphError(f"{self.param.type} takes {exact} {what} blob(s), got {n}",
+                                 layer=self.name)
+            if lo is not None and n < lo:
+                raise GraphError(f"{self.param.type} takes at least {lo} {what} blob(s), got {n}",
+                                 layer=self.name)
+            if hi is not None and n > hi:
+                raise GraphError(f"{self.param.type} takes at most {hi} {what} blob(s), got {n}",
+                                 layer=self.name)
+
+        check(n_bottom, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
+        check(n_top, self.exact_tops, self.min_tops, self.max_tops, "top")
+
+    def error(self, cls, message: str):
+        """An error of ``cls`` naming this layer (raise it)."""
+        return cls(message, layer=self.name)
+
+    def add_blob(self, attr: str, shape: Sequence[int], filler=None, *, buffer: bool = False,
+                 value: Optional[Tensor] = None) -> Tensor:
+        """Create Caffe blob number ``len(blob_names)`` as parameter (or buffer) ``attr``."""
+        if any(int(s) < 0 for s in shape):
+            raise self.error(ShapeError, f"blob '{attr}' would have negative shape {tuple(shape)}")
+        if value is None:
+            value = fill(shape, filler, generator=self.ctx.generator, layer=self.name)
+        if buffer:
+            self.register_buffer(attr, value)
+        else:
+            self.register_parameter(attr, nn.Parameter(value))
+        self.blob_names.append(attr)
+        return getattr(self, attr)
+
+    def caffe_blobs(self) -> List[Tensor]:
+        """The layer's blobs in Caffe's order (what a caffemodel stores for it)."""
+        return [getattr(self, n) for n in self.blob_names]
+
+    # ------------------------------------------------------------------ contract
+    def infer_top_shapes(self, bottom_shapes: Sequence[Shape],
+                         bottom_dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Shape]:
+        """Top shapes for these bottom shapes (Caffe's Reshape); default: run on meta."""
+        dtypes = bottom_dtypes or [torch.float32] * len(bottom_shapes)
+        metas = tuple(torch.empty(tuple(s), device="meta", dtype=d)
+                      for s, d in zip(bottom_shapes, dtypes))
+        state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}
+        try:
+            outs = torch.func.functional_call(self, state, metas, strict=False)
+        except (NotImplementedError, RuntimeError) as e:  # pragma: no cover - layer bug
+            raise self.error(ShapeError, f"cannot infer top shapes from bottoms "
+                                         f"{[tuple(s) for s in bottom_shapes]}: {e}") from e
+        if isinstance(outs, Tensor):
+            outs = (outs,)
+        return [tuple(int(d) for d in o.shape) for o in outs]
+
+    def forward(self, *bottoms: Tensor) -> Tuple[Tensor, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def shape_str(shape: Optional[Shape]) -> str:
+    """Caffe's way of printing a blob shape: ``2 3 4 5 (120)``."""
+    if shape is None:
+        return "?"
+    n = 1
+    for s in shape:
+        n *= s
+    return " ".join(str(s) for s in shape) + f" ({n})"
+
+
+def canonical_axis(axis: int, num_axes: int, *, layer: str = "", what: str = "axis") -> int:
+    """Caffe's ``CanonicalAxisIndex``: negative axes count from the end; out of range is an error."""
+    if not -num_axes <= axis < max(num_axes, 1):
+        raise ShapeError(f"{what} {axis} out of range for a {num_axes}-D blob", layer=layer)
+    return axis + num_axes if axis < 0 else axis
+
+
+def spatial_params(p, name: str, num_spatial: int, default: Optional[int], *, layer: str) -> List[int]:
+    """Per-axis values from Caffe's repeated ``name`` field or ``name_h``/``name_w``.
+
+    Caffe allows one value (broadcast), one per spatial axis, or, for 2-D only, the
+    ``_h``/``_w`` pair (which then must not be combined with the repeated field).
+    """
+    has_h = p.HasField(f"{name}_h") if hasattr(p, f"{name}_h") else False
+    has_w = p.HasField(f"{name}_w") if hasattr(p, f"{name}_w") else False
+    rep = getattr(p, name)
+    if not isinstance(rep, (int, float)):
+        rep = list(rep)
+    else:
+        rep = [rep] if p.HasField(name) else []
+    if has_h or has_w:
+        if num_spatial != 2:
+            raise SchemaError(f"{name}_h/{name}_w are for 2-D spatial blobs only", layer=layer)
+        if rep:
+            raise SchemaError(f"give either {name} or {name}_h/{name}_w, not both", layer=layer)
+        if not (has_h and has_w):
+            raise SchemaError(f"{name}_h and {name}_w must be given together", layer=layer)
+        return [int(getattr(p, f"{name}_h")), int(getattr(p, f"{name}_w"))]
+    if not rep:
+        if default is None:
+            raise SchemaError(f"{name} is required", layer=layer)
+        return [default] * num_spatial
+    if len(rep) == 1:
+        return [int(rep[0])] * num_spatial
+    if len(rep) != num_spatial:
+        raise SchemaError(f"{name} must be given once or {num_spatial} times, got {len(rep)}",
+                          layer=layer)
+    return [int(v) for v in rep]

@@ -1,0 +1,32 @@
+"""Shared test fixtures: corpus location, golden files, GPU marker."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CORPUS = pathlib.Path(os.environ.get("CAFFE_COMPAT_CORPUS", ROOT.parent / "shared" / "corpus"))
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def corpus_or_skip() -> pathlib.Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS} (set CAFFE_COMPAT_CORPUS)")
+    return CORPUS
+
+
+@pytest.fixture
+def corpus() -> pathlib.Path:
+    return corpus_or_skip()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
