@@ -123,7 +123,7 @@ class Layer(nn.Module):
         state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}
         try:
             outs = torch.func.functional_call(self, state, metas, strict=False)
-        except (NotImplementedError, RuntimeError) as e:  # pragma: no cover - layer bug
+        except (NotImplementedError, RuntimeError, TypeError, ValueError, IndexError) as e:
             raise self.error(ShapeError, f"cannot infer top shapes from bottoms "
                                          f"{[tuple(s) for s in bottom_shapes]}: {e}") from e
         if isinstance(outs, Tensor):

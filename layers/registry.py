@@ -82,3 +82,18 @@ def registered_types() -> list[str]:
 def registered_python_layers() -> list[str]:
     _ensure_loaded()
     return sorted(_PYTHON)
+
+
+def resolve(param) -> type:
+    """The class that implements one ``LayerParameter``.
+
+    ``type: "Python"`` layers resolve to a native implementation registered for their
+    ``python_param { module layer }`` when there is one, else to the class registered as
+    "Python" (the pycaffe-compatible shim that imports and runs the user's module).
+    """
+    if param.type == "Python":
+        key = f"{param.python_param.module}.{param.python_param.layer}"
+        native = lookup_python(key)
+        if native is not None:
+            return native
+    return lookup(param.type, layer=param.name)

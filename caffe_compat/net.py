@@ -1,0 +1,379 @@
+"""The net interpreter: a Caffe net definition as an executable ``torch.nn.Module``.
+
+Caffe's ``Net::Init`` in Python terms: filter layers by the net state, resolve each layer's
+implementation through the registry, wire bottoms to tops by name (in-place tops rebind
+the name, so every op is out of place and autograd sees a plain DAG), compute every blob's
+shape at build time, share parameters by ``param { name }`` and keep each parameter's
+``lr_mult``/``decay_mult`` for the solver.  Gradient summing for blobs read by several
+layers (Caffe's split layers) is what autograd does anyway.
+
+The builder knows nothing about individual layer types: it only uses the Layer contract
+(``caffe_compat.layers.base``).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from caffe_compat.errors import DataError, GraphError, SchemaError, ShapeError
+from caffe_compat.io import read_net_text
+from caffe_compat.layers import registry
+from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
+from caffe_compat.net_state import filter_net, make_state
+from caffe_compat.protos import caffe_pb2
+
+ModelSource = Union[str, "os.PathLike[str]", "caffe_pb2.NetParameter"]
+
+
+@dataclass
+class ParamInfo:
+    """A learnable blob as the solver sees it (Caffe's ``learnable_params_`` entry)."""
+
+    key: str            # state-dict key of the owner, ``<layer>.<attr>``
+    param: nn.Parameter
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+
+
+@dataclass
+class LayerEntry:
+    """One layer of the built net and its wiring."""
+
+    name: str
+    type: str
+    module: Optional[Layer]         # None when its bottom shapes are unknown (data absent)
+    bottoms: List[str]
+    tops: List[str]
+    loss_weights: List[float]
+    propagate_down: List[bool]
+    unbuilt_reason: str = ""
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+class Net(nn.Module):
+    """A Caffe net, built for one phase (``"train"`` or ``"test"``), as a torch module.
+
+    ``forward(**inputs)`` returns Caffe's net outputs (blobs no layer consumes) as a dict;
+    afterwards ``net.blobs`` holds every blob in Caffe's order and ``net.loss`` the weighted
+    sum of loss tops (``None`` if the net has no loss).  Tensors given as inputs are used as
+    they are (no copy, no detach), so autograd flows back to them.
+    """
+
+    def __init__(self, model: ModelSource, weights: Optional[str] = None, phase: str = "test", *,
+                 level: Optional[int] = None, stages: Iterable[str] = (),
+                 allow_python_layers: Optional[bool] = None, allow_missing: bool = False,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 seed: Optional[int] = None, device=None):
+        super().__init__()
+        if isinstance(model, caffe_pb2.NetParameter):
+            from caffe_compat.upgrade import upgrade_net
+
+            param, self.source = upgrade_net(model, source="<NetParameter>"), None
+        elif _is_path(model):
+            param = read_net_text(model)
+            self.source = os.fspath(model) if os.path.exists(os.fspath(model)) else None
+        else:
+            raise TypeError(f"model must be a path, prototxt text or NetParameter, not {type(model)}")
+        state = make_state(param, phase, level, stages)
+        self.state = state
+        self.phase = TRAIN if state.phase == caffe_pb2.TRAIN else TEST
+        self.net_param = filter_net(param, state)
+        self.net_name = param.name
+        if allow_python_layers is None:
+            allow_python_layers = os.environ.get("CAFFE_COMPAT_ALLOW_PYTHON_LAYERS", "") not in ("", "0")
+        gen = torch.Generator()
+        gen.manual_seed(0 if seed is None else int(seed))
+        self._ctx = BuildContext(
+            phase=self.phase, generator=gen,
+            source_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
+            allow_python_layers=bool(allow_python_layers),
+            stages=tuple(state.stage), level=int(state.level))
+        self._input_overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+        self._fed: Dict[str, Tensor] = {}
+        self.blobs: "OrderedDict[str, Tensor]" = OrderedDict()
+        self.loss: Optional[Tensor] = None
+        self._build()
+        self.train(self.phase == TRAIN)
+        if device is not None:
+            self.to(device)
+        if weights is not None:
+            self.load_weights(weights, allow_missing=allow_missing)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Layer names live in _modules and may equal the net's own attributes ('loss',
+        # 'blobs', ...): the net's plain attributes must not collide with them.
+        mods = self.__dict__.get("_modules")
+        if mods is not None and name in mods and not isinstance(value, nn.Module):
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        self.entries: List[LayerEntry] = []
+        self.blob_names: List[str] = []
+        self.blob_shapes: Dict[str, Optional[Shape]] = {}
+        self.input_names: List[str] = []
+        self.param_infos: "OrderedDict[str, ParamInfo]" = OrderedDict()
+        self._share_owner: Dict[str, Tuple[str, str]] = {}
+        shapes: Dict[str, Optional[Shape]] = {}
+        available: "OrderedDict[str, None]" = OrderedDict()
+        consumed_after: Dict[str, bool] = {}
+        seen_names = set()
+        force_backward = self.net_param.force_backward
+        for idx, lp in enumerate(self.net_param.layer):
+            name = lp.name or f"{lp.type.lower() or 'layer'}{idx}"
+            if name in seen_names:
+                raise GraphError("duplicate layer name", layer=name)
+            seen_names.add(name)
+            for b in lp.bottom:
+                if b not in shapes:
+                    raise GraphError(f"unknown bottom blob '{b}' (no earlier layer produces it; "
+                                     f"known blobs: {', '.join(shapes) or 'none'})", layer=name)
+            bottom_shapes = [shapes[b] for b in lp.bottom]
+            cls = registry.resolve(lp)
+            module: Optional[Layer] = None
+            reason = ""
+            if any(s is None for s in bottom_shapes):
+                unknown = [b for b in lp.bottom if shapes[b] is None]
+                reason = f"shape of bottom(s) {', '.join(unknown)} unknown (data source absent?)"
+                top_shapes: List[Optional[Shape]] = [None] * len(lp.top)
+            else:
+                module = cls(lp, [tuple(s) for s in bottom_shapes], self._ctx)
+                if module.name != name:
+                    module.name = name
+                top_shapes = self._infer(module, bottom_shapes, name)
+            if len(top_shapes) != len(lp.top):
+                raise GraphError(f"{lp.type} produced {len(top_shapes)} tops but the definition names "
+                                 f"{len(lp.top)}", layer=name)
+            for i, t in enumerate(lp.top):
+                in_place = i < len(lp.bottom) and lp.bottom[i] == t
+                if t in shapes and not in_place:
+                    if t in lp.bottom:
+                        raise GraphError(f"top '{t}' is an in-place top at the wrong position "
+                                         "(Caffe pairs top i with bottom i)", layer=name)
+                    raise GraphError(f"top blob '{t}' is produced by more than one layer", layer=name)
+                if t not in shapes:
+                    self.blob_names.append(t)
+                shapes[t] = top_shapes[i]
+            for b in lp.bottom:
+                available.pop(b, None)
+            for t in lp.top:
+                available[t] = None
+            if module is not None and module.accepts_feed:
+                self.input_names.extend(lp.top)
+            # loss weights: Caffe's SetLossWeights
+            if len(lp.loss_weight):
+                if len(lp.loss_weight) != len(lp.top):
+                    raise SchemaError(f"loss_weight must be given once per top ({len(lp.top)}), "
+                                      f"got {len(lp.loss_weight)}", layer=name)
+                weights = [float(w) for w in lp.loss_weight]
+            elif getattr(cls, "is_loss", False):
+                weights = [1.0] + [0.0] * (len(lp.top) - 1)
+            else:
+                weights = [0.0] * len(lp.top)
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise SchemaError(f"propagate_down must be given once per bottom ({len(lp.bottom)}), "
+                                  f"got {len(lp.propagate_down)}", layer=name)
+            prop = [bool(p) for p in lp.propagate_down] if len(lp.propagate_down) else [True] * len(lp.bottom)
+            entry = LayerEntry(name, lp.type, module, list(lp.bottom), list(lp.top), weights, prop, reason)
+            self.entries.append(entry)
+            if module is not None:
+                # bypass add_module's name checks: Caffe names may contain '.' or shadow
+                # nn.Module attributes; state-dict keys stay '<layer>.<param>'.
+                self._modules[name] = module
+                self._register_params(module, lp)
+        self.blob_shapes = shapes
+        # Caffe's net outputs: blobs still available at the end, in std::set (sorted) order
+        self.output_names: List[str] = sorted(available)
+        self._by_name = {e.name: e for e in self.entries}
+        del force_backward
+
+    def _infer(self, module: Layer, bottom_shapes, name: str) -> List[Optional[Shape]]:
+        if module.accepts_feed:
+            shapes = module.infer_top_shapes([tuple(s) for s in bottom_shapes])
+            return [self._input_overrides.get(t, s) for t, s in zip(module.top_names, shapes)]
+        return module.infer_top_shapes([tuple(s) for s in bottom_shapes])
+
+    def _register_params(self, module: Layer, lp) -> None:
+        if len(lp.param) > len(module.blob_names):
+            raise SchemaError(f"{len(lp.param)} param specs given but the layer has "
+                              f"{len(module.blob_names)} blobs", layer=module.name)
+        for i, attr in enumerate(module.blob_names):
+            spec = lp.param[i] if i < len(lp.param) else None
+            key = f"{module.name}.{attr}"
+            tensor = getattr(module, attr)
+            if not isinstance(tensor, nn.Parameter):
+                continue  # buffers (e.g. BatchNorm statistics) are not learned
+            lr = spec.lr_mult if spec is not None and spec.HasField("lr_mult") else None
+            decay = spec.decay_mult if spec is not None and spec.HasField("decay_mult") else None
+            share = spec.name if spec is not None else ""
+            if share and share in self._share_owner:
+                owner_key = self._share_owner[share]
+                info = self.param_infos[owner_key[0]]
+                owner = info.param
+                strict = spec.share_mode == caffe_pb2.ParamSpec.STRICT
+                if tuple(owner.shape) != tuple(tensor.shape):
+                    if strict or owner.numel() != tensor.numel():
+                        raise ShapeError(f"cannot share param '{share}' owned by layer '{owner_key[1]}': "
+                                         f"shape {tuple(owner.shape)} vs {tuple(tensor.shape)}",
+                                         layer=module.name)
+                    raise SchemaError("PERMISSIVE sharing between different shapes of equal count is "
+                                      "not supported", layer=module.name)
+                module._parameters[attr] = owner
+                # Caffe: a sharer's explicit lr_mult/decay_mult must agree with the owner's
+                if lr is not None:
+                    if info.lr_mult != lr and getattr(info, "_lr_set", False):
+                        raise SchemaError(f"shared param '{share}' has mismatched lr_mult", layer=module.name)
+                    info.lr_mult = lr
+                if decay is not None:
+                    if info.decay_mult != decay and getattr(info, "_decay_set", False):
+                        raise SchemaError(f"shared param '{share}' has mismatched decay_mult",
+                                          layer=module.name)
+                    info.decay_mult = decay
+                continue
+            info = ParamInfo(key, tensor, 1.0 if lr is None else float(lr), 1.0 if decay is None else float(decay))
+            info._lr_set = lr is not None  # type: ignore[attr-defined]
+            info._decay_set = decay is not None  # type: ignore[attr-defined]
+            self.param_infos[key] = info
+            if share:
+                self._share_owner[share] = (key, module.name)
+        for info in self.param_infos.values():
+            if info.lr_mult == 0:
+                info.param.requires_grad_(False)
+
+    # ------------------------------------------------------------------ access
+    def layer(self, name: str) -> Layer:
+        """The module of the layer called ``name`` (Caffe's name)."""
+        e = self._by_name.get(name)
+        if e is None:
+            raise GraphError(f"no layer named '{name}'")
+        if e.module is None:
+            raise GraphError(f"layer not built: {e.unbuilt_reason}", layer=name)
+        return e.module
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            return t.dtype
+        return torch.float32
+
+    def learnable_params(self) -> List[ParamInfo]:
+        """Unique learnable parameters in Caffe's order, with their lr/decay multipliers."""
+        return list(self.param_infos.values())
+
+    # ------------------------------------------------------------------ running
+    def _as_tensor(self, name: str, x) -> Tensor:
+        if isinstance(x, Tensor):
+            return x
+        arr = np.asarray(x)
+        return torch.as_tensor(arr, dtype=self.dtype, device=self.device)
+
+    def feed(self, **inputs) -> None:
+        """Set input blobs for the next forward (kept until replaced, like Caffe's blobs)."""
+        for k, v in inputs.items():
+            if k not in self.input_names:
+                raise GraphError(f"'{k}' is not an input of this net; inputs are: "
+                                 f"{', '.join(self.input_names) or 'none'}")
+            self._fed[k] = self._as_tensor(k, v)
+
+    def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
+        """Run the net; returns Caffe's net outputs by name."""
+        self.feed(**inputs)
+        blobs: Dict[str, Tensor] = {}
+        loss: Optional[Tensor] = None
+        for e in self.entries:
+            m = e.module
+            if m is None:
+                raise DataError(f"layer cannot run: {e.unbuilt_reason}", layer=e.name)
+            bottoms = [blobs[b] if p else blobs[b].detach() for b, p in zip(e.bottoms, e.propagate_down)]
+            if m.accepts_feed:
+                outs = list(m())
+                for i, t in enumerate(e.tops):
+                    if t in self._fed:
+                        outs[i] = self._fed[t]
+            else:
+                outs = m(*bottoms)
+                if isinstance(outs, Tensor):
+                    outs = (outs,)
+            if len(outs) != len(e.tops):
+                raise GraphError(f"produced {len(outs)} tops, expected {len(e.tops)}", layer=e.name)
+            for t, o, w in zip(e.tops, outs, e.loss_weights):
+                blobs[t] = o
+                if w:
+                    term = o.sum() * w if w != 1.0 else o.sum()
+                    loss = term if loss is None else loss + term
+        self.blobs = OrderedDict((n, blobs[n]) for n in self.blob_names if n in blobs)
+        for n, t in self.blobs.items():
+            self.blob_shapes[n] = tuple(t.shape)
+        self.loss = loss
+        return OrderedDict((n, blobs[n]) for n in self.output_names)
+
+    def backward(self) -> None:
+        """Backpropagate the net's loss (Caffe's ``Net::Backward`` from the loss layers)."""
+        if self.loss is None:
+            raise GraphError("the net has no loss to backpropagate (run forward first; "
+                             "loss layers or loss_weight make a loss)")
+        self.loss.backward()
+
+    def reshape(self, **shapes: Sequence[int]) -> Dict[str, Optional[Shape]]:
+        """Recompute every blob shape for new input shapes (Caffe's ``Net::Reshape``)."""
+        for k, v in shapes.items():
+            if k not in self.input_names:
+                raise GraphError(f"'{k}' is not an input of this net; inputs are: {', '.join(self.input_names)}")
+            self._input_overrides[k] = tuple(int(d) for d in v)
+        for k, t in self._fed.items():
+            if k not in shapes:
+                self._input_overrides[k] = tuple(t.shape)
+        cur: Dict[str, Optional[Shape]] = {}
+        for e in self.entries:
+            if e.module is None:
+                for t in e.tops:
+                    cur[t] = None
+                continue
+            bs = [cur[b] for b in e.bottoms]
+            if any(s is None for s in bs):
+                tops: List[Optional[Shape]] = [None] * len(e.tops)
+            else:
+                tops = self._infer(e.module, bs, e.name)
+            for t, s in zip(e.tops, tops):
+                cur[t] = s
+        self.blob_shapes = cur
+        return cur
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, path: str, *, allow_missing: bool = False) -> List[str]:
+        """Load a .caffemodel, .pt or .safetensors file; returns warnings (e.g. ignored layers)."""
+        from caffe_compat import weights as W
+
+        return W.load_into(self, path, allow_missing=allow_missing)
+
+    def save_weights(self, path: str, **kw) -> None:
+        """Write the weights as .caffemodel, .pt or .safetensors (by extension)."""
+        from caffe_compat import weights as W
+
+        W.save(self, path, **kw)
+
+    def extra_repr(self) -> str:
+        return f"name={self.net_name!r}, phase={self.phase}, layers={len(self.entries)}"

@@ -1,0 +1,557 @@
+"""Weights in and out: ``.caffemodel`` <-> nets <-> ``.pt`` / ``.safetensors``.
+
+Reading a caffemodel does not go through protobuf for the blob payloads: a VGG16 file is
+~550 MB of packed floats, which protobuf's Python runtime would turn into lists.  The
+file is memory-mapped and walked at the wire level; each blob's packed ``data`` field
+becomes a zero-copy ``np.frombuffer`` view, and only the small non-blob part of each
+layer is parsed by protobuf.  Writing does the reverse (layer fields by protobuf, blob
+payloads as raw little-endian bytes) and keeps protobuf's field order, so a file we write
+is what protobuf itself would write.
+
+State-dict keys are ``<layer>.<param>`` in PyTorch's vocabulary (see README "Weights"):
+Convolution/InnerProduct/Deconvolution/Embed ``weight``, ``bias``; PReLU ``weight``;
+Scale ``weight`` (+ ``bias``); Bias ``bias``; BatchNorm ``running_mean``, ``running_var``,
+``scale_factor`` holding Caffe's three blobs as stored (the mean/variance *sums* and their
+scale factor; the layer divides at run time, so a caffemodel round trip is bit-exact);
+``fold_batchnorm`` turns them into plain statistics with a scale factor of 1.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from caffe_compat.errors import ParseError, WeightsError
+from caffe_compat.protos import caffe_pb2
+
+# wire types
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+#: refuse blobs larger than this many elements unless the caller raises the limit
+MAX_BLOB_ELEMENTS = int(os.environ.get("CAFFE_COMPAT_MAX_BLOB_ELEMENTS", str(2 ** 31)))
+
+
+@dataclass
+class CaffeBlob:
+    shape: Tuple[int, ...]
+    data: np.ndarray          # float32 or float64, already in ``shape``
+    legacy: bool = False      # shape came from num/channels/height/width
+
+
+@dataclass
+class CaffeLayerWeights:
+    name: str
+    type: str
+    blobs: List[CaffeBlob] = field(default_factory=list)
+    param: Optional[object] = None  # the layer's LayerParameter / V1LayerParameter (no blobs)
+
+
+def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf, start: int, end: int):
+    """Yield (field_number, wire_type, value_start, value_end_or_int) over a message."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        num, wt = key >> 3, key & 7
+        if num == 0:
+            raise ValueError("field number 0")
+        if wt == _VARINT:
+            v, pos = _varint(buf, pos, end)
+            yield num, wt, v, None
+        elif wt == _LEN:
+            ln, pos = _varint(buf, pos, end)
+            if pos + ln > end:
+                raise ValueError(f"field {num} runs past the end of its message")
+            yield num, wt, pos, pos + ln
+            pos += ln
+        elif wt == _I32:
+            if pos + 4 > end:
+                raise ValueError("truncated fixed32")
+            yield num, wt, pos, pos + 4
+            pos += 4
+        elif wt == _I64:
+            if pos + 8 > end:
+                raise ValueError("truncated fixed64")
+            yield num, wt, pos, pos + 8
+            pos += 8
+        else:
+            raise ValueError(f"unsupported wire type {wt} (field {num})")
+    if pos != end:
+        raise ValueError("message overruns its length")
+
+
+def _packed_or_single(buf, wt, a, b, dtype: str, size: int, acc: list) -> None:
+    if wt == _LEN:
+        if (b - a) % size:
+            raise ValueError("packed field length is not a multiple of the element size")
+        acc.append(np.frombuffer(buf, dtype=dtype, count=(b - a) // size, offset=a))
+    else:
+        acc.append(np.frombuffer(buf, dtype=dtype, count=1, offset=a))
+
+
+def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
+    dims: List[int] = []
+    legacy = {}
+    data_parts: list = []
+    double_parts: list = []
+    for num, wt, a, b in _fields(buf, start, end):
+        if num == 7 and wt == _LEN:  # shape: BlobShape { repeated int64 dim = 1 [packed] }
+            for n2, w2, a2, b2 in _fields(buf, a, b):
+                if n2 != 1:
+                    continue
+                if w2 == _LEN:
+                    p = a2
+                    while p < b2:
+                        v, p = _varint(buf, p, b2)
+                        dims.append(v - (1 << 64) if v >> 63 else v)
+                elif w2 == _VARINT:
+                    dims.append(a2 - (1 << 64) if a2 >> 63 else a2)
+        elif num == 5 and wt in (_LEN, _I32):
+            _packed_or_single(buf, wt, a, b, "<f4", 4, data_parts)
+        elif num == 8 and wt in (_LEN, _I64):
+            _packed_or_single(buf, wt, a, b, "<f8", 8, double_parts)
+        elif num in (1, 2, 3, 4) and wt == _VARINT:
+            legacy[num] = a - (1 << 64) if a >> 63 else a
+        # diff (6) and double_diff (9) are ignored: weights only
+    if dims:
+        shape, is_legacy = tuple(dims), False
+    elif legacy:
+        shape = tuple(legacy.get(i, 0) for i in (1, 2, 3, 4))
+        is_legacy = True
+    else:
+        shape, is_legacy = None, False
+    parts = double_parts if double_parts else data_parts
+    if len(parts) == 1:
+        data = parts[0]
+    elif parts:
+        data = np.concatenate(parts)
+    else:
+        data = np.zeros(0, np.float32)
+    if shape is None:
+        shape = (data.size,)
+    if any(d < 0 for d in shape):
+        raise WeightsError(f"blob has a negative dimension {shape}", where=where)
+    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    if count > MAX_BLOB_ELEMENTS:
+        raise WeightsError(f"blob shape {shape} has {count} elements, over the limit "
+                           f"{MAX_BLOB_ELEMENTS} (raise CAFFE_COMPAT_MAX_BLOB_ELEMENTS)", where=where)
+    if data.size != count:
+        raise WeightsError(f"blob declares shape {shape} ({count} values) but holds {data.size}",
+                           where=where)
+    return CaffeBlob(tuple(int(d) for d in shape), data.reshape(shape), is_legacy)
+
+
+_V1_TYPE_NAMES = None
+
+
+def _v1_type_name(value: int) -> str:
+    global _V1_TYPE_NAMES
+    if _V1_TYPE_NAMES is None:
+        from caffe_compat.protos.caffe_pb2 import V1LayerParameter
+
+        _V1_TYPE_NAMES = {v.number: v.name for v in V1LayerParameter.LayerType.DESCRIPTOR.values}
+    return _V1_TYPE_NAMES.get(value, str(value))
+
+
+def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
+    """(net name, layers with blobs) of a binary caffemodel, V0/V1/current formats.
+
+    Blob arrays are read-only views on a memory map of the file (no copy); copy what you
+    keep beyond the life of the returned objects.
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ParseError(f"cannot read: {e.strerror}", where=path) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ParseError("empty file (not a caffemodel)", where=path)
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    name = ""
+    layers: List[CaffeLayerWeights] = []
+    try:
+        for num, wt, a, b in _fields(buf, 0, size):
+            if num == 1 and wt == _LEN:
+                name = bytes(buf[a:b]).decode("utf-8", "replace")
+            elif num in (100, 2) and wt == _LEN:
+                layers.append(_parse_layer(buf, a, b, v1=(num == 2), where=path))
+    except ValueError as e:
+        raise ParseError(f"corrupt or truncated caffemodel: {e}", where=path) from None
+    except WeightsError as e:
+        raise WeightsError(e.message, where=path, layer=e.layer) from None
+    return name, layers
+
+
+def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLayerWeights:
+    blob_field = 6 if v1 else 7
+    rest = bytearray()
+    blobs: List[CaffeBlob] = []
+    v0: Optional[Tuple[int, int]] = None
+    for num, wt, a, b in _fields(buf, start, end):
+        if num == blob_field and wt == _LEN:
+            blobs.append(_parse_blob(buf, a, b, where))
+            continue
+        if v1 and num == 1 and wt == _LEN:  # V0LayerParameter nested as `layer`
+            v0 = (a, b)
+            continue
+        # re-encode this field for protobuf (small: names, params)
+        key = (num << 3) | wt
+        rest += _encode_varint(key)
+        if wt == _VARINT:
+            rest += _encode_varint(a)
+        elif wt == _LEN:
+            rest += _encode_varint(b - a)
+            rest += buf[a:b]
+        else:
+            rest += buf[a:b]
+    msg = caffe_pb2.V1LayerParameter() if v1 else caffe_pb2.LayerParameter()
+    try:
+        msg.ParseFromString(bytes(rest))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ParseError(f"corrupt layer definition: {e}", where=where) from None
+    if v1:
+        lname, ltype = msg.name, _v1_type_name(msg.type)
+        if v0 is not None:  # V0: name, type and blobs (field 50) live in the nested message
+            v0msg = caffe_pb2.V0LayerParameter()
+            v0rest = bytearray()
+            for num, wt, a, b in _fields(buf, v0[0], v0[1]):
+                if num == 50 and wt == _LEN:
+                    blobs.append(_parse_blob(buf, a, b, where))
+                    continue
+                v0rest += _encode_varint((num << 3) | wt)
+                if wt == _VARINT:
+                    v0rest += _encode_varint(a)
+                elif wt == _LEN:
+                    v0rest += _encode_varint(b - a)
+                    v0rest += buf[a:b]
+                else:
+                    v0rest += buf[a:b]
+            v0msg.ParseFromString(bytes(v0rest))
+            lname, ltype = v0msg.name or lname, v0msg.type.upper() or ltype
+    else:
+        lname, ltype = msg.name, msg.type
+    return CaffeLayerWeights(lname, ltype, blobs, msg)
+
+
+def _encode_varint(v: int) -> bytes:
+    if v < 0:
+        v += 1 << 64
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _encode_varint((num << 3) | _LEN) + _encode_varint(len(payload)) + payload
+
+
+def encode_blob(arr: np.ndarray) -> bytes:
+    """A BlobProto (shape + packed float data) for ``arr``, as protobuf would serialize it."""
+    a = np.ascontiguousarray(arr, dtype="<f4")
+    data = _len_field(5, a.tobytes()) if a.size else b""
+    dims = b"".join(_encode_varint(int(d)) for d in a.shape)
+    shape = _len_field(7, _len_field(1, dims) if dims else b"")
+    return data + shape
+
+
+def write_caffemodel(path: str, name: str, layers: List[Tuple[object, List[np.ndarray]]]) -> None:
+    """Write ``(LayerParameter, blob arrays)`` pairs as a binary NetParameter, atomically.
+
+    Blobs are placed between the layer's fields numbered below and above 7, which is
+    where protobuf's canonical (field-number) order puts them.
+    """
+    from caffe_compat.atomic import atomic_open
+
+    with atomic_open(os.fspath(path)) as f:
+        if name:
+            f.write(_len_field(1, name.encode("utf-8")))
+        for lp, arrays in layers:
+            head, tail = caffe_pb2.LayerParameter(), caffe_pb2.LayerParameter()
+            head.CopyFrom(lp)
+            tail.CopyFrom(lp)
+            head.ClearField("blobs")
+            tail.ClearField("blobs")
+            for fd, _ in list(head.ListFields()):
+                if fd.number > 7:
+                    head.ClearField(fd.name)
+            for fd, _ in list(tail.ListFields()):
+                if fd.number < 7:
+                    tail.ClearField(fd.name)
+            body = [head.SerializeToString()]
+            body += [_len_field(7, encode_blob(a)) for a in arrays]
+            body.append(tail.SerializeToString())
+            payload = b"".join(body)
+            f.write(_encode_varint((100 << 3) | _LEN))
+            f.write(_encode_varint(len(payload)))
+            for part in body:
+                f.write(part)
+
+
+# ---------------------------------------------------------------------- names
+def blob_names_for(type_name: str, param, count: int) -> List[str]:
+    """State-dict names for a layer's ``count`` blobs, without building the layer."""
+    from caffe_compat.layers import registry
+
+    names: Tuple[str, ...] = ("weight", "bias")
+    try:
+        cls = registry.resolve(param) if param is not None and hasattr(param, "python_param") \
+            else registry.lookup(type_name)
+        names = getattr(cls, "default_blob_names", names)
+        fn = getattr(cls, "blob_names_for", None)
+        if fn is not None and param is not None and hasattr(param, "python_param"):
+            names = tuple(fn(param, count))
+    except Exception:  # unknown type (e.g. a V1 enum name): generic names
+        pass
+    return [names[i] if i < len(names) else f"blob{i}" for i in range(count)]
+
+
+_V1_TO_TYPE = {
+    "CONVOLUTION": "Convolution", "INNER_PRODUCT": "InnerProduct", "DECONVOLUTION": "Deconvolution",
+    "PRELU": "PReLU", "EMBED": "Embed",
+}
+
+
+def caffemodel_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A caffemodel as a ``<layer>.<param>`` state dict, without a net definition.
+
+    Legacy 4-D blobs keep their shape except where the layer type fixes it (InnerProduct
+    weights are 2-D, biases and per-channel blobs 1-D); load through a net for exact shapes.
+    """
+    _, layers = read_caffemodel(path)
+    sd: Dict[str, torch.Tensor] = {}
+    for lw in layers:
+        if not lw.blobs:
+            continue
+        t = _V1_TO_TYPE.get(lw.type, lw.type)
+        names = blob_names_for(t, lw.param if not isinstance(lw.param, caffe_pb2.V1LayerParameter) else None,
+                               len(lw.blobs))
+        for nm, blob in zip(names, lw.blobs):
+            arr = blob.data
+            if blob.legacy:
+                if t == "InnerProduct" and nm == "weight":
+                    arr = arr.reshape(blob.shape[-2], blob.shape[-1])
+                elif nm != "weight" or t in ("PReLU",):
+                    arr = arr.reshape(-1)
+            sd[f"{lw.name}.{nm}"] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    return sd
+
+
+# ---------------------------------------------------------------------- nets
+def _legacy_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Caffe's LegacyShape view of a target blob: left-padded with 1s to 4 axes."""
+    return (1,) * (4 - len(shape)) + tuple(shape) if len(shape) <= 4 else tuple(shape)
+
+
+def _shape_matches(target: Tuple[int, ...], blob: CaffeBlob) -> bool:
+    if blob.legacy:
+        return len(target) <= 4 and _legacy_shape(target) == blob.shape
+    return tuple(target) == blob.shape
+
+
+def load_caffemodel_into(net, path: str, *, allow_missing: bool = False) -> List[str]:
+    """Copy a caffemodel's blobs into ``net`` by layer name (Caffe's CopyTrainedLayersFrom).
+
+    Source layers the net lacks are ignored (reported); net layers with blobs that the
+    file lacks are an error unless ``allow_missing`` (the py-faster-rcnn issue-256 trap:
+    renamed layers must not be skipped silently).  Every blob's shape must match.
+    """
+    _, layers = read_caffemodel(path)
+    notes: List[str] = []
+    loaded = set()
+    for lw in layers:
+        if not lw.blobs:
+            continue
+        entry = net._by_name.get(lw.name)
+        if entry is None or entry.module is None:
+            notes.append(f"ignoring source layer '{lw.name}' (not in the net)")
+            continue
+        targets = entry.module.caffe_blobs()
+        if len(targets) != len(lw.blobs):
+            raise WeightsError(f"incompatible number of blobs: the file has {len(lw.blobs)}, "
+                               f"the net's {entry.type} layer has {len(targets)}", where=path, layer=lw.name)
+        for i, (t, blob) in enumerate(zip(targets, lw.blobs)):
+            if not _shape_matches(tuple(t.shape), blob):
+                raise WeightsError(f"blob {i} shape mismatch: the net expects {tuple(t.shape)}, "
+                                   f"the file has {blob.shape}", where=path, layer=lw.name)
+            with torch.no_grad():
+                with warnings.catch_warnings():  # a read-only view of the map; copy_ copies
+                    warnings.simplefilter("ignore", UserWarning)
+                    src = torch.from_numpy(np.asarray(blob.data))
+                t.copy_(src.reshape(t.shape))
+        loaded.add(lw.name)
+    missing = [e.name for e in net.entries
+               if e.module is not None and e.module.caffe_blobs() and e.name not in loaded]
+    if missing:
+        msg = (f"no weights in the file for layer(s) {', '.join(missing)} "
+               "(renamed layers? use allow_missing / --allow-missing to keep their initial values)")
+        if not allow_missing:
+            raise WeightsError(msg, where=path)
+        notes.append(msg)
+    return notes
+
+
+def net_state_dict(net, *, dedupe_shared: bool = False) -> Dict[str, torch.Tensor]:
+    """The net's state dict; with ``dedupe_shared`` only the owner's key of a shared param."""
+    sd = net.state_dict()
+    if not dedupe_shared:
+        return sd
+    seen: Dict[int, str] = {}
+    out = {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out
+
+
+def load_state_into(net, sd: Dict[str, torch.Tensor], *, allow_missing: bool = False,
+                    where: str = "") -> List[str]:
+    """Load a state dict (from .pt/.safetensors) strictly, naming any mismatch clearly."""
+    own = net.state_dict()
+    notes = []
+    # shared params saved once: fill the sharers' keys from their owners
+    for k, v in own.items():
+        if k not in sd:
+            for k2, v2 in own.items():
+                if k2 in sd and v.numel() and v2.data_ptr() == v.data_ptr() and v2.shape == v.shape:
+                    sd[k] = sd[k2]
+                    break
+    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    if unexpected:
+        raise WeightsError(f"the file has keys the net lacks: {', '.join(unexpected[:10])}"
+                           + (" ..." if len(unexpected) > 10 else ""), where=where)
+    if missing:
+        msg = f"the file lacks keys: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+        if not allow_missing:
+            raise WeightsError(msg + " (use allow_missing / --allow-missing)", where=where)
+        notes.append(msg)
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            layer = k.rsplit(".", 1)[0]
+            raise WeightsError(f"'{k}' shape mismatch: the net expects {tuple(own[k].shape)}, "
+                               f"the file has {tuple(v.shape)}", where=where, layer=layer)
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+    return notes
+
+
+def read_state_file(path: str) -> Dict[str, torch.Tensor]:
+    """A .pt (weights_only) or .safetensors file as a state dict."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:
+            raise ParseError(f"not a readable safetensors file: {e}", where=path) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ParseError(f"not a readable weights-only .pt file: {e}", where=path) from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("a .pt weights file must hold a dict of tensors (a state dict)", where=path)
+    return dict(obj)
+
+
+def load_into(net, path: str, *, allow_missing: bool = False) -> List[str]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsError("weights file not found", where=path)
+    if path.endswith((".pt", ".pth", ".safetensors")):
+        return load_state_into(net, read_state_file(path), allow_missing=allow_missing, where=path)
+    return load_caffemodel_into(net, path, allow_missing=allow_missing)
+
+
+def net_layers_for_caffemodel(net) -> List[Tuple[object, List[np.ndarray]]]:
+    out = []
+    for e in net.entries:
+        if e.module is None:
+            continue
+        blobs = e.module.caffe_blobs()
+        lp = caffe_pb2.LayerParameter()
+        lp.CopyFrom(e.module.param)
+        lp.ClearField("blobs")
+        if not lp.HasField("phase"):
+            lp.phase = net.state.phase
+        out.append((lp, [b.detach().cpu().float().numpy() for b in blobs]))
+    return out
+
+
+def save(net, path: str, **kw) -> None:
+    """Write ``net``'s weights as .caffemodel, .pt or .safetensors (by extension)."""
+    from caffe_compat.atomic import atomic_open
+
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        save_safetensors(net_state_dict(net, dedupe_shared=True), path)
+    elif path.endswith((".pt", ".pth")):
+        sd = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        with atomic_open(path) as f:
+            torch.save(sd, f)
+    else:
+        write_caffemodel(path, net.net_name, net_layers_for_caffemodel(net))
+
+
+def save_safetensors(sd: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    from safetensors.torch import save as st_save
+
+    from caffe_compat.atomic import atomic_write
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    atomic_write(os.fspath(path), st_save(clean, metadata=metadata or {"format": "caffe-compat"}))
+
+
+def fold_batchnorm(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Divide BatchNorm mean/variance sums by their scale factor (0 -> 0); factor becomes 1.
+
+    The result holds plain statistics, what ``torch.nn.BatchNorm*d`` expects in
+    ``running_mean``/``running_var`` (Caffe's BatchNorm has no affine part: a following
+    Scale layer's ``weight``/``bias`` are the BN's affine parameters).
+    """
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith(".scale_factor"):
+            base = k[: -len(".scale_factor")]
+            s = float(v.reshape(-1)[0]) if v.numel() else 1.0
+            f = 0.0 if s == 0 else 1.0 / s
+            for nm in ("running_mean", "running_var"):
+                if f"{base}.{nm}" in out:
+                    out[f"{base}.{nm}"] = sd[f"{base}.{nm}"] * f
+            out[k] = torch.ones_like(v)
+    return out
+
+
