@@ -1,0 +1,45 @@
+# caffe-compat: `make test` and `make demo` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+ARCH    := $(shell uname -m)
+# torch is pinned here (setup.cfg declares loose ranges). These builds lie on this
+# workplace's disk for Python 3.11; elsewhere pip fetches them.
+ifeq ($(ARCH),aarch64)
+TORCH_PIN = torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PIN = torch==2.14.1 torchvision==0.29.1
+endif
+STAMP    = $(VENV)/.installed-$(ARCH)
+
+.PHONY: all venv test test-fast demo bench clean golden proto
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test]' lmdb h5py
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(BIN)/python -m caffe_compat.demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+# Regenerate the schema (needs ../shared/reference) and the golden files (needs the
+# Caffe oracle: ../shared/tools/caffe-oracle/install.sh). Neither runs in CI.
+proto:
+	protos/generate.sh
+golden:
+	for f in tests/golden/make_*.py; do ../shared/tools/caffe-oracle/py $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
