@@ -160,8 +160,10 @@ def spatial_params(p, name: str, num_spatial: int, default: Optional[int], *, la
     Caffe allows one value (broadcast), one per spatial axis, or, for 2-D only, the
     ``_h``/``_w`` pair (which then must not be combined with the repeated field).
     """
-    has_h = p.HasField(f"{name}_h") if hasattr(p, f"{name}_h") else False
-    has_w = p.HasField(f"{name}_w") if hasattr(p, f"{name}_w") else False
+    hw = "kernel" if name == "kernel_size" else name  # Caffe's kernel_h/kernel_w
+    fields = {f.name for f in p.DESCRIPTOR.fields}
+    has_h = f"{hw}_h" in fields and p.HasField(f"{hw}_h")
+    has_w = f"{hw}_w" in fields and p.HasField(f"{hw}_w")
     rep = getattr(p, name)
     if not isinstance(rep, (int, float)):
         rep = list(rep)
@@ -169,12 +171,12 @@ def spatial_params(p, name: str, num_spatial: int, default: Optional[int], *, la
         rep = [rep] if p.HasField(name) else []
     if has_h or has_w:
         if num_spatial != 2:
-            raise SchemaError(f"{name}_h/{name}_w are for 2-D spatial blobs only", layer=layer)
+            raise SchemaError(f"{hw}_h/{hw}_w are for 2-D spatial blobs only", layer=layer)
         if rep:
-            raise SchemaError(f"give either {name} or {name}_h/{name}_w, not both", layer=layer)
+            raise SchemaError(f"give either {name} or {hw}_h/{hw}_w, not both", layer=layer)
         if not (has_h and has_w):
-            raise SchemaError(f"{name}_h and {name}_w must be given together", layer=layer)
-        return [int(getattr(p, f"{name}_h")), int(getattr(p, f"{name}_w"))]
+            raise SchemaError(f"{hw}_h and {hw}_w must be given together", layer=layer)
+        return [int(getattr(p, f"{hw}_h")), int(getattr(p, f"{hw}_w"))]
     if not rep:
         if default is None:
             raise SchemaError(f"{name} is required", layer=layer)

@@ -1,1 +1,506 @@
-"""vision layers."""
+"""Vision layers: Convolution, Deconvolution, Pooling, LRN, SPP, Im2col.
+
+Each is one torch op where Caffe's semantics allow it, with explicit padding where Caffe's
+geometry differs from PyTorch's:
+
+- Convolution: Caffe's output size truncates ``(in + 2p - ext) / s`` toward zero, so an
+  input smaller than the kernel extent still gives one output (the missing taps read
+  zeros); we pad those zeros explicitly.  Leading axes before ``axis`` are flattened into
+  the batch, as Caffe's ``num_``; 0 to 3 spatial axes are supported.
+- Pooling (``caffe_pool2d``): Caffe's ceil/floor size with the pad rule; pad may be up to
+  ``k - 1``; with pad 0 and stride > kernel, ceil mode can create windows that lie
+  entirely past the input (MAX gives ``-FLT_MAX``, AVE ``0/0 = NaN`` or ``-0``, exactly as
+  Caffe's CPU code).  MAX ties go to the first maximum in row-major scan order.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from caffe_compat.errors import GraphError, SchemaError, ShapeError
+from caffe_compat.layers.base import TRAIN, Layer, canonical_axis, spatial_params
+from caffe_compat.layers.neuron import random_uniform
+from caffe_compat.layers.registry import register
+from caffe_compat.protos import caffe_pb2
+
+__all__ = ["Convolution", "Deconvolution", "Pooling", "LRN", "SPP", "Im2col",
+           "caffe_pool2d", "caffe_pooled_size"]
+
+FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+MAX, AVE, STOCHASTIC = 0, 1, 2
+_POOL_NAMES = {MAX: "MAX", AVE: "AVE", STOCHASTIC: "STOCHASTIC"}
+
+
+def _check_enum(layer: Layer, value: int, names: dict, field: str) -> int:
+    if value not in names:
+        allowed = ", ".join(f"{v} ({k})" for k, v in names.items())
+        raise layer.error(SchemaError, f"{field} {value} is not one of {allowed}")
+    return int(value)
+
+
+def _axis_values(p, name: str, nsp: int, default: Optional[int], *, layer: str) -> List[int]:
+    """``spatial_params`` that also knows ``kernel_h``/``kernel_w`` belong to ``kernel_size``."""
+    if name == "kernel_size":
+        has_h, has_w = p.HasField("kernel_h"), p.HasField("kernel_w")
+        if has_h or has_w:
+            rep = getattr(p, name)
+            given = len(rep) if not isinstance(rep, int) else int(p.HasField(name))
+            if nsp != 2:
+                raise SchemaError("kernel_h/kernel_w are for 2-D spatial blobs only", layer=layer)
+            if given:
+                raise SchemaError("give either kernel_size or kernel_h/kernel_w, not both",
+                                  layer=layer)
+            if not (has_h and has_w):
+                raise SchemaError("kernel_h and kernel_w must be given together", layer=layer)
+            return [int(p.kernel_h), int(p.kernel_w)]
+    return spatial_params(p, name, nsp, default, layer=layer)
+
+
+# ---------------------------------------------------------------------------- convolution
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _trunc_div(a: int, b: int) -> int:
+    """C++ integer division (truncates toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+class _ConvGeometry(Layer):
+    """Shared parsing of ``convolution_param`` (Caffe's BaseConvolutionLayer::LayerSetUp)."""
+
+    def _parse_geometry(self, cp, shape: Sequence[int]) -> None:
+        self.axis = canonical_axis(int(cp.axis), len(shape), layer=self.name)
+        nsp = len(shape) - self.axis - 1
+        self.num_spatial = nsp
+        self.kernel = _axis_values(cp, "kernel_size", nsp, None if nsp else 1, layer=self.name)
+        self.stride = spatial_params(cp, "stride", nsp, 1, layer=self.name)
+        self.pad = spatial_params(cp, "pad", nsp, 0, layer=self.name)
+        self.dilation = spatial_params(cp, "dilation", nsp, 1, layer=self.name)
+        for what, vals in (("kernel_size", self.kernel), ("stride", self.stride),
+                           ("dilation", self.dilation)):
+            if any(v <= 0 for v in vals):
+                raise self.error(SchemaError, f"{what} must be positive, got {vals}")
+        self.channels = int(shape[self.axis])
+
+    def _split(self, x: Tensor) -> Tuple[Tuple[int, ...], Tensor]:
+        """(leading shape, x as (num, C, *spatial)) after Caffe's shape checks."""
+        if x.dim() != self.axis + 1 + self.num_spatial:
+            raise self.error(ShapeError, f"expected a {self.axis + 1 + self.num_spatial}-D bottom "
+                                         f"(channels on axis {self.axis}), got {tuple(x.shape)}")
+        if x.shape[self.axis] != self.channels:
+            raise self.error(ShapeError, f"expected {self.channels} channels on axis {self.axis}, "
+                                         f"got shape {tuple(x.shape)}")
+        lead = tuple(x.shape[:self.axis])
+        num = math.prod(lead)
+        return lead, x.reshape((num, self.channels) + tuple(x.shape[self.axis + 1:]))
+
+    def _conv_padding(self, spatial: Sequence[int]) -> Tuple[List[int], Optional[List[int]]]:
+        """Caffe's conv output sizes and, if some axis needs zeros past its end, F.pad's list."""
+        outs, extra = [], []
+        for n, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation):
+            ext = d * (k - 1) + 1
+            out = _trunc_div(n + 2 * p - ext, s) + 1
+            if out <= 0:
+                raise self.error(ShapeError, f"spatial size {n} with pad {p} is too small for "
+                                             f"kernel extent {ext} (output {out})")
+            outs.append(out)
+            extra.append(max(0, (out - 1) * s + ext - (n + 2 * p)))
+        if not any(extra):
+            return outs, None
+        pads: List[int] = []
+        for p, e in zip(reversed(self.pad), reversed(extra)):
+            pads += [p, p + e]
+        return outs, pads
+
+
+@register("Convolution")
+class Convolution(_ConvGeometry):
+    """Caffe convolution: bottom i -> top i with shared weights.
+
+    Blobs: ``weight`` (num_output, C / group, *kernel), ``bias`` (num_output,) if bias_term.
+    """
+
+    min_bottoms = 1
+    transposed = False
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        if len(param.top) != len(bottom_shapes):
+            raise self.error(GraphError, f"{param.type} needs as many tops as bottoms, got "
+                                         f"{len(bottom_shapes)} bottom(s), {len(param.top)} top(s)")
+        shape = tuple(bottom_shapes[0])
+        for s in bottom_shapes[1:]:
+            if tuple(s) != shape:
+                raise self.error(ShapeError, f"all bottoms must have the same shape: "
+                                             f"{shape} vs {tuple(s)}")
+        cp = param.convolution_param
+        self._parse_geometry(cp, shape)
+        if self.num_spatial > 3:
+            raise self.error(ShapeError, f"{self.num_spatial} spatial axes are not supported "
+                                         "(at most 3)")
+        self.num_output = int(cp.num_output)
+        self.group = int(cp.group)
+        if self.num_output <= 0:
+            raise self.error(SchemaError, "num_output must be positive")
+        if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
+            raise self.error(ShapeError, f"group {self.group} must divide both the input channels "
+                                         f"({self.channels}) and num_output ({self.num_output})")
+        if self.transposed:
+            wshape = (self.channels, self.num_output // self.group)
+        else:
+            wshape = (self.num_output, self.channels // self.group)
+        self.add_blob("weight", wshape + tuple(self.kernel), cp.weight_filler)
+        self.bias_term = bool(cp.bias_term)
+        if self.bias_term:
+            self.add_blob("bias", (self.num_output,), cp.bias_filler)
+        else:
+            self.bias = None
+
+    def forward(self, *bottoms: Tensor) -> Tuple[Tensor, ...]:
+        return tuple(self._one(x) for x in bottoms)
+
+    def _one(self, x: Tensor) -> Tensor:
+        lead, xb = self._split(x)
+        w = self.weight
+        stride, pad, dil = self.stride, self.pad, self.dilation
+        if self.num_spatial == 0:  # a per-position matrix product (Caffe allows it)
+            xb, w = xb.unsqueeze(-1), w.unsqueeze(-1)
+            stride, pad, dil = [1], [0], [1]
+            y = self._op(xb, w, stride, pad, dil, 1).squeeze(-1)
+        else:
+            y = self._op(xb, w, stride, pad, dil, self.num_spatial)
+        return y.reshape(lead + tuple(y.shape[1:]))
+
+    def _op(self, xb: Tensor, w: Tensor, stride, pad, dil, nsp: int) -> Tensor:
+        if self.num_spatial:
+            _, fpad = self._conv_padding(xb.shape[2:])
+            if fpad is not None:
+                xb, pad = F.pad(xb, fpad), [0] * nsp
+        return _CONV[nsp](xb, w, self.bias, tuple(stride), tuple(pad), tuple(dil), self.group)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, num_output={self.num_output}, kernel={self.kernel}, "
+                f"stride={self.stride}, pad={self.pad}, dilation={self.dilation}, "
+                f"group={self.group}, bias_term={self.bias_term}, axis={self.axis}")
+
+
+@register("Deconvolution")
+class Deconvolution(Convolution):
+    """Transposed convolution: ``out = s (i - 1) + d (k - 1) + 1 - 2 p`` per spatial axis.
+
+    Blobs: ``weight`` (C_in, num_output / group, *kernel) as ConvTranspose, ``bias``.
+    """
+
+    transposed = True
+
+    def _op(self, xb: Tensor, w: Tensor, stride, pad, dil, nsp: int) -> Tensor:
+        for n, k, s, p, d in zip(xb.shape[2:], self.kernel, stride, pad, dil):
+            out = s * (n - 1) + d * (k - 1) + 1 - 2 * p
+            if out <= 0:
+                raise self.error(ShapeError, f"deconvolution output size {out} <= 0 for input "
+                                             f"{n}, kernel {k}, stride {s}, pad {p}, dilation {d}")
+        return _CONV_T[nsp](xb, w, self.bias, tuple(stride), tuple(pad), 0, self.group,
+                            tuple(dil))
+
+
+@register("Im2col")
+class Im2col(_ConvGeometry):
+    """Caffe's im2col as a layer: (.., C, H, W) -> (.., C * kh * kw, OH, OW), channel-major."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self._parse_geometry(param.convolution_param, tuple(bottom_shapes[0]))
+        if self.num_spatial > 2:
+            raise self.error(ShapeError, f"Im2col supports at most 2 spatial axes, "
+                                         f"got {self.num_spatial}")
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        lead, xb = self._split(x)
+        if self.num_spatial == 0:
+            return (x.reshape(x.shape),)
+        outs, fpad = self._conv_padding(xb.shape[2:])
+        pad = list(self.pad)
+        if fpad is not None:
+            xb, pad = F.pad(xb, fpad), [0] * self.num_spatial
+        kernel, stride, dil = list(self.kernel), list(self.stride), list(self.dilation)
+        if self.num_spatial == 1:
+            xb = xb.unsqueeze(2)
+            kernel, stride, dil, pad = [1] + kernel, [1] + stride, [1] + dil, [0] + pad
+        cols = F.unfold(xb, tuple(kernel), tuple(dil), tuple(pad), tuple(stride))
+        return (cols.reshape(lead + (cols.shape[1],) + tuple(outs)),)
+
+
+# ---------------------------------------------------------------------------- pooling
+def caffe_pooled_size(size: int, k: int, s: int, p: int, ceil: bool = True,
+                      padded: Optional[bool] = None) -> int:
+    """Caffe's pooled size: ceil (or floor) of ``(size + 2p - k) / s`` plus 1; if the layer
+    has any padding (``padded``, on either axis; default ``p > 0``) the last window is
+    dropped when it would start in the right padding."""
+    num = size + 2 * p - k
+    out = (-(-num // s) if ceil else num // s) + 1
+    if (p > 0 if padded is None else padded) and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _torch_pooled_size(size: int, k: int, s: int, p: int, ceil: bool) -> Optional[int]:
+    """PyTorch's pooled size, or None where PyTorch would refuse the geometry."""
+    if 2 * p > k or size + 2 * p < k:
+        return None
+    out = (size + 2 * p - k + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence[int],
+                 pad: Sequence[int], ceil: bool = True, *, return_mask: bool = False,
+                 train: bool = False, generator: Optional[torch.Generator] = None,
+                 layer: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Caffe's 2-D pooling of ``x`` (N, C, H, W) -> (top (N, C, OH, OW), mask or None).
+
+    ``method``: 0 MAX, 1 AVE, 2 STOCHASTIC.  ``kernel``/``stride``/``pad`` are (h, w).
+    MAX ignores padding and sends the gradient to the first maximum in scan order;
+    ``return_mask`` also gives Caffe's argmax top: flat ``h * W + w`` as x's dtype.
+    AVE divides by the window clipped to the padded map.  STOCHASTIC (pad must be 0):
+    at TEST ``sum(x^2) / (FLT_MIN + sum(x))`` per window (gradient 0 where the sum is 0;
+    Caffe has no TEST backward); at TRAIN picks the first position whose running sum
+    reaches ``u * sum``, ``u ~ U[0, 1)`` from ``generator``, and routes the gradient there.
+    """
+    if x.dim() != 4:
+        raise ShapeError(f"pooling needs a 4-D (N, C, H, W) bottom, got {tuple(x.shape)}",
+                         layer=layer)
+    N, C, H, W = (int(v) for v in x.shape)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    for k, p in ((kh, ph), (kw, pw)):
+        if p and p >= k:
+            raise ShapeError(f"pad {p} must be smaller than kernel {k}", layer=layer)
+    padded = bool(ph or pw)  # Caffe applies the drop rule to both axes if either is padded
+    OH = caffe_pooled_size(H, kh, sh, ph, ceil, padded)
+    OW = caffe_pooled_size(W, kw, sw, pw, ceil, padded)
+    if OH <= 0 or OW <= 0 or ((ph or pw) and ((OH - 1) * sh >= H + ph or (OW - 1) * sw >= W + pw)):
+        raise ShapeError(f"pooled size {OH}x{OW} from input {H}x{W}, kernel {kh}x{kw}, "
+                         f"stride {sh}x{sw}, pad {ph}x{pw} is not valid", layer=layer)
+    fast = (_torch_pooled_size(H, kh, sh, ph, ceil) == OH
+            and _torch_pooled_size(W, kw, sw, pw, ceil) == OW)
+    # explicit geometry: pad left by p, right up to the end of the last window (or crop)
+    rh = (OH - 1) * sh + kh - H - ph
+    rw = (OW - 1) * sw + kw - W - pw
+
+    if method == MAX:
+        if fast:
+            if return_mask:
+                y, idx = F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
+                                      return_indices=True)
+                return y, idx.to(x.dtype)
+            return F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil), None
+        xp = F.pad(x, (pw, rw, ph, rh), value=float("-inf"))
+        if return_mask:
+            y, idx = F.max_pool2d(xp, (kh, kw), (sh, sw), 0, return_indices=True)
+        else:
+            y = F.max_pool2d(xp, (kh, kw), (sh, sw), 0)
+        empty = (OH - 1) * sh - ph >= H or (OW - 1) * sw - pw >= W
+        if empty:  # windows past the input: Caffe leaves -FLT_MAX there
+            y = y.clamp_min(-FLT_MAX)
+        mask = None
+        if return_mask:
+            Wp = W + pw + rw
+            hh, ww = idx // Wp - ph, idx % Wp - pw
+            inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            mask = torch.where(inside, hh * W + ww, torch.full_like(idx, -1)).to(x.dtype)
+        return y, mask
+
+    if method == AVE:
+        if fast:
+            return F.avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
+                                count_include_pad=True), None
+        xp = F.pad(x, (pw, rw, ph, rh))
+        sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+        sizes_h = [min(o * sh - ph + kh, H + ph) - (o * sh - ph) for o in range(OH)]
+        sizes_w = [min(o * sw - pw + kw, W + pw) - (o * sw - pw) for o in range(OW)]
+        div = torch.tensor([[a * b for b in sizes_w] for a in sizes_h], dtype=x.dtype,
+                           device=x.device)
+        return sums / div, None
+
+    if method == STOCHASTIC:
+        if ph or pw:
+            raise ShapeError("padding is implemented only for AVE and MAX pooling", layer=layer)
+        xp = F.pad(x, (0, rw, 0, rh))
+        if not train:
+            sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+            sq = F.avg_pool2d(xp * xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+            zero = (sums == 0).detach()
+            safe = torch.where(zero, torch.ones_like(sums), sums + FLT_MIN)
+            return torch.where(zero, (sq / FLT_MIN).detach(), sq / safe), None
+        cols = F.unfold(xp, (kh, kw), stride=(sh, sw)).reshape(N, C, kh * kw, OH * OW)
+        cum = cols.detach().cumsum(2)
+        thres = random_uniform((N, C, 1, OH * OW), x, generator) * cum[:, :, -1:, :]
+        hit = cum >= thres
+        first = hit.to(torch.int8).argmax(2, keepdim=True)
+        picked = cols.gather(2, first)
+        picked = torch.where(hit.any(2, keepdim=True), picked, torch.zeros_like(picked))
+        return picked.reshape(N, C, OH, OW), None
+
+    raise SchemaError(f"unknown pooling method {method}", layer=layer)
+
+
+@register("Pooling")
+class Pooling(Layer):
+    """Caffe pooling (MAX / AVE / STOCHASTIC); optional second top = MAX argmax mask."""
+
+    exact_bottoms = 1
+    min_tops = 1
+    max_tops = 2
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        pp = param.pooling_param
+        self.method = _check_enum(self, pp.pool, _POOL_NAMES, "pool")
+        if len(param.top) == 2 and self.method != MAX:
+            raise self.error(GraphError, "only MAX pooling has a second (mask) top")
+        self.global_pooling = bool(pp.global_pooling)
+        has_kernel = any(pp.HasField(f) for f in ("kernel_size", "kernel_h", "kernel_w"))
+        if self.global_pooling:
+            if has_kernel:
+                raise self.error(SchemaError, "with global_pooling the kernel size must not be "
+                                              "given")
+            self.kernel = None
+        else:
+            self.kernel = _axis_values(pp, "kernel_size", 2, None, layer=self.name)
+            if any(k <= 0 for k in self.kernel):
+                raise self.error(SchemaError, f"kernel size must be positive, got {self.kernel}")
+        self.pad = spatial_params(pp, "pad", 2, 0, layer=self.name)
+        self.stride = spatial_params(pp, "stride", 2, 1, layer=self.name)
+        if any(s <= 0 for s in self.stride):
+            raise self.error(SchemaError, f"stride must be positive, got {self.stride}")
+        if self.global_pooling and (any(self.pad) or any(s != 1 for s in self.stride)):
+            raise self.error(SchemaError, "with global_pooling only pad 0 and stride 1 are allowed")
+        if any(self.pad) and self.method == STOCHASTIC:
+            raise self.error(SchemaError, "padding is implemented only for AVE and MAX pooling")
+        if self.kernel is not None:
+            for k, p in zip(self.kernel, self.pad):
+                if p >= k and p:
+                    raise self.error(SchemaError, f"pad {p} must be smaller than kernel {k}")
+        rm = _check_enum(self, pp.round_mode, {0: "CEIL", 1: "FLOOR"}, "round_mode")
+        self.ceil = rm == 0
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise self.error(ShapeError, f"Pooling needs a 4-D bottom (N, C, H, W), got {shape}")
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        kernel = self.kernel if self.kernel is not None else [int(x.shape[-2]), int(x.shape[-1])]
+        y, mask = caffe_pool2d(x, self.method, kernel, self.stride, self.pad, self.ceil,
+                               return_mask=len(self.top_names) == 2,
+                               train=self.phase == TRAIN, generator=self.ctx.generator,
+                               layer=self.name)
+        return (y, mask) if len(self.top_names) == 2 else (y,)
+
+    def extra_repr(self) -> str:
+        k = "global" if self.global_pooling else self.kernel
+        return (f"name={self.name!r}, pool={_POOL_NAMES[self.method]}, kernel={k}, "
+                f"stride={self.stride}, pad={self.pad}, "
+                f"round_mode={'CEIL' if self.ceil else 'FLOOR'}")
+
+
+@register("SPP")
+class SPP(Layer):
+    """Spatial pyramid pooling: level l pools into 2^l x 2^l bins, flattened and concatenated
+    (a pyramid of height 1 gives the 4-D pooled blob unflattened, as Caffe)."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        sp = param.spp_param
+        self.pyramid_height = int(sp.pyramid_height)
+        if self.pyramid_height < 1:
+            raise self.error(SchemaError, "pyramid_height must be at least 1")
+        self.method = _check_enum(self, sp.pool, _POOL_NAMES, "pool")
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise self.error(ShapeError, f"SPP needs a 4-D bottom (N, C, H, W), got {shape}")
+
+    @staticmethod
+    def level_geometry(size: int, level: int) -> Tuple[int, int]:
+        """(kernel = stride, pad) of pyramid level ``level`` along an axis of ``size``."""
+        bins = 2 ** level
+        k = -(-size // bins)
+        return k, (k * bins - size + 1) // 2
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        if x.dim() != 4 or x.shape[2] <= 0 or x.shape[3] <= 0:
+            raise self.error(ShapeError, f"SPP needs a non-empty 4-D bottom, got {tuple(x.shape)}")
+        H, W = int(x.shape[2]), int(x.shape[3])
+        outs = []
+        for level in range(self.pyramid_height):
+            (kh, ph), (kw, pw) = self.level_geometry(H, level), self.level_geometry(W, level)
+            y, _ = caffe_pool2d(x, self.method, (kh, kw), (kh, kw), (ph, pw), True,
+                                train=self.phase == TRAIN, generator=self.ctx.generator,
+                                layer=self.name)
+            if self.pyramid_height == 1:
+                return (y,)
+            outs.append(y.flatten(1))
+        return (torch.cat(outs, 1),)
+
+
+# ---------------------------------------------------------------------------- LRN
+@register("LRN")
+class LRN(Layer):
+    """Local response normalization.
+
+    ACROSS_CHANNELS: ``x * (k + alpha / n * sum_{|c' - c| <= (n-1)/2} x_c'^2) ** -beta``.
+    WITHIN_CHANNEL: ``x * (1 + alpha / n^2 * sum_{n x n window, zero pad (n-1)/2} x^2) ** -beta``
+    (``k`` is ignored, as in Caffe).
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        lp = param.lrn_param
+        self.size = int(lp.local_size)
+        if self.size % 2 != 1:
+            raise self.error(SchemaError, f"LRN only supports odd values for local_size, "
+                                          f"got {self.size}")
+        self.alpha, self.beta, self.k = float(lp.alpha), float(lp.beta), float(lp.k)
+        self.region = _check_enum(self, lp.norm_region,
+                                  {0: "ACROSS_CHANNELS", 1: "WITHIN_CHANNEL"}, "norm_region")
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise self.error(ShapeError, f"LRN needs a 4-D bottom (N, C, H, W), got {shape}")
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        if x.dim() != 4:
+            raise self.error(ShapeError, f"LRN needs a 4-D bottom, got {tuple(x.shape)}")
+        n, pre = self.size, (self.size - 1) // 2
+        sq = x * x
+        if self.region == 0:
+            N, C, H, W = x.shape
+            # mean over a channel window of n (zero padded): divisor is always n
+            mean = F.avg_pool2d(sq.reshape(N, 1, C, H * W), (n, 1), 1, (pre, 0),
+                                count_include_pad=True).reshape(x.shape)
+            scale = mean * self.alpha + self.k
+        else:
+            # Caffe: AVE pooling n x n, pad (n-1)/2: every window has n*n elements
+            mean = F.avg_pool2d(sq, n, 1, pre, count_include_pad=True)
+            scale = mean * self.alpha + 1.0
+        return (x * scale.pow(-self.beta),)
+
+    def extra_repr(self) -> str:
+        region = "ACROSS_CHANNELS" if self.region == 0 else "WITHIN_CHANNEL"
+        return (f"name={self.name!r}, local_size={self.size}, alpha={self.alpha}, "
+                f"beta={self.beta}, k={self.k}, norm_region={region}")
