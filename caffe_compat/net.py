@@ -127,14 +127,16 @@ class Net(nn.Module):
         self._share_owner: Dict[str, Tuple[str, str]] = {}
         shapes: Dict[str, Optional[Shape]] = {}
         available: "OrderedDict[str, None]" = OrderedDict()
-        consumed_after: Dict[str, bool] = {}
         seen_names = set()
         force_backward = self.net_param.force_backward
         for idx, lp in enumerate(self.net_param.layer):
             name = lp.name or f"{lp.type.lower() or 'layer'}{idx}"
-            if name in seen_names:
-                raise GraphError("duplicate layer name", layer=name)
-            seen_names.add(name)
+            key = name
+            k = 1
+            while key in seen_names:  # Caffe allows duplicate names (the last one wins lookups)
+                key = f"{name}_{k}"
+                k += 1
+            seen_names.add(key)
             for b in lp.bottom:
                 if b not in shapes:
                     raise GraphError(f"unknown bottom blob '{b}' (no earlier layer produces it; "
@@ -190,8 +192,8 @@ class Net(nn.Module):
             if module is not None:
                 # bypass add_module's name checks: Caffe names may contain '.' or shadow
                 # nn.Module attributes; state-dict keys stay '<layer>.<param>'.
-                self._modules[name] = module
-                self._register_params(module, lp)
+                self._modules[key] = module
+                self._register_params(module, lp, key)
         self.blob_shapes = shapes
         # Caffe's net outputs: blobs still available at the end, in std::set (sorted) order
         self.output_names: List[str] = sorted(available)
@@ -204,13 +206,13 @@ class Net(nn.Module):
             return [self._input_overrides.get(t, s) for t, s in zip(module.top_names, shapes)]
         return module.infer_top_shapes([tuple(s) for s in bottom_shapes])
 
-    def _register_params(self, module: Layer, lp) -> None:
+    def _register_params(self, module: Layer, lp, prefix: str) -> None:
         if len(lp.param) > len(module.blob_names):
             raise SchemaError(f"{len(lp.param)} param specs given but the layer has "
                               f"{len(module.blob_names)} blobs", layer=module.name)
         for i, attr in enumerate(module.blob_names):
             spec = lp.param[i] if i < len(lp.param) else None
-            key = f"{module.name}.{attr}"
+            key = f"{prefix}.{attr}"
             tensor = getattr(module, attr)
             if not isinstance(tensor, nn.Parameter):
                 continue  # buffers (e.g. BatchNorm statistics) are not learned
@@ -260,6 +262,11 @@ class Net(nn.Module):
         if e.module is None:
             raise GraphError(f"layer not built: {e.unbuilt_reason}", layer=name)
         return e.module
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator the net's fillers (and random layers such as Dropout) draw from."""
+        return self._ctx.generator
 
     @property
     def layer_names(self) -> List[str]:

@@ -46,7 +46,7 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
-    from caffe_compat.cli import convert, inspect_cmd  # noqa: F401
+    from caffe_compat.cli import convert, inspect_cmd, synthetic_voc  # noqa: F401
 
 
 _register()

@@ -5,11 +5,13 @@ Nets whose data sources are absent still build: their unknown shapes print as '?
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from caffe_compat import Net
+from caffe_compat.errors import GraphError
 from caffe_compat.summary import format_table
 
 from conftest import CORPUS
@@ -35,7 +37,15 @@ NETS = net_files()
 @pytest.mark.parametrize("phase", ["train", "test"])
 @pytest.mark.parametrize("path", NETS, ids=[str(p.relative_to(CORPUS)) for p in NETS])
 def test_corpus_net_builds(path: pathlib.Path, phase: str):
-    net = Net(path, phase=phase, allow_python_layers=False)
+    try:
+        net = Net(path, phase=phase, allow_python_layers=False)
+    except GraphError as e:
+        # Nets whose phase needs a stage (mnist_autoencoder's TEST data layers are
+        # 'test-on-train'/'test-on-test') do not build without one, in Caffe either.
+        stages = sorted(set(re.findall(r'stage:\s*"([^"]+)"', path.read_text())))
+        if "unknown bottom" not in str(e) or not stages:
+            raise
+        net = Net(path, phase=phase, stages=[stages[-1]], allow_python_layers=False)
     table = format_table(net)
     assert net.entries, "no layers kept"
     assert "layers" in table

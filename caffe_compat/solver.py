@@ -1,0 +1,876 @@
+"""Caffe's solvers (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam) on a :class:`Net`.
+
+One training iteration is Caffe's ``Solver::Step`` body: clear the parameter diffs, run
+forward/backward ``iter_size`` times (gradients accumulate, the loss is averaged for the
+log), then ``ApplyUpdate``: learning rate from the policy, global-L2 gradient clipping,
+division by ``iter_size``, L1/L2 weight decay scaled by each blob's ``decay_mult``, the
+solver type's update rule scaled by each blob's ``lr_mult``, and ``w -= update``.  The
+update rules are written out here tensor by tensor rather than taken from ``torch.optim``,
+whose SGD keeps ``lr`` outside the momentum buffer and so differs whenever the rate changes.
+
+Training data comes from the net's own data layers (Caffe's way) unless a ``feed`` is given:
+a dict of arrays fed every pass, or a callable ``feed(iteration)`` /
+``feed(iteration, pass_index)`` returning such a dict (``pass_index`` counts the
+``iter_size`` passes of one iteration).
+
+Snapshots are ``{prefix}_iter_{N}.caffemodel`` plus ``{prefix}_iter_{N}.solverstate``.  The
+solverstate is this project's format, a safetensors file: the history tensors (Caffe's
+``history_`` order) and a JSON metadata entry with the iteration, the step counter, the
+weights file name and every random generator's state, so that a restored run continues
+bit-identically.  Caffe's own binaryproto ``.solverstate`` files can be restored too
+(without generator states, which Caffe does not keep either).
+"""
+from __future__ import annotations
+
+import base64
+import difflib
+import inspect
+import json
+import logging
+import math
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from caffe_compat.errors import CaffeCompatError, SolverError
+from caffe_compat.lr_policy import LR_POLICIES, check_lr_policy, learning_rate
+from caffe_compat.protos import caffe_pb2
+
+log = logging.getLogger("caffe_compat.solver")
+
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+STATE_FORMAT = "caffe-compat-solverstate"
+STATE_VERSION = 1
+
+Feed = Union[None, Mapping[str, Any], Callable[..., Mapping[str, Any]]]
+TestFeed = Union[None, Mapping[str, Any], Callable[[int, int], Mapping[str, Any]]]
+SolverSource = Union[str, "os.PathLike[str]", "caffe_pb2.SolverParameter"]
+
+__all__ = ["Solver", "get_solver", "IterationInfo", "TestResult", "SOLVER_TYPES", "LR_POLICIES",
+           "learning_rate"]
+
+
+def _g(x: float) -> str:
+    """A number as C++'s ``ostream << float`` prints it (6 significant digits)."""
+    return f"{x:.6g}"
+
+
+@dataclass
+class IterationInfo:
+    """What an ``on="iteration"`` callback gets after each update."""
+
+    iter: int                 # iterations done (Caffe's iter_ after the increment)
+    loss: float               # this iteration's loss, averaged over iter_size
+    smoothed_loss: float      # Caffe's displayed loss (average over average_loss iterations)
+    lr: float                 # the rate used for this update
+    max_iter: int
+    outputs: Optional["OrderedDict[str, List[float]]"] = None  # on display iterations only
+
+
+@dataclass
+class TestResult:
+    """Caffe's test output: each net output's values averaged over test_iter."""
+
+    net_id: int
+    iter: int
+    scores: "OrderedDict[str, Union[float, List[float]]]" = field(default_factory=OrderedDict)
+    loss: Optional[float] = None   # with test_compute_loss
+    interrupted: bool = False
+
+    def __getitem__(self, name: str):
+        return self.scores[name]
+
+
+@dataclass
+class SnapshotInfo:
+    iter: int
+    model: str
+    state: str
+
+
+def _b64(t: Tensor) -> str:
+    return base64.b64encode(t.detach().cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def _net_generator(net) -> Optional[torch.Generator]:
+    gen = getattr(net, "generator", None)
+    if isinstance(gen, torch.Generator):
+        return gen
+    ctx = getattr(net, "_ctx", None)
+    return getattr(ctx, "generator", None)
+
+
+def _feed_arity(fn: Callable) -> int:
+    """1 for ``fn(iteration)``, 2 for ``fn(iteration, pass_index)``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 1
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            return 2
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return 2 if n >= 2 else 1
+
+
+class Solver:
+    """A Caffe solver over a train net (and test nets), with Caffe's exact update rules.
+
+    ``solver`` is a solver prototxt path, its text, or a ``caffe_pb2.SolverParameter``.  Net
+    file paths inside it are resolved against the current directory, as Caffe does.
+    ``weights`` (a path, a comma-separated list, or a list) fine-tunes from existing
+    weights like ``caffe train --weights``; the solver's own ``weights`` field is honoured too.
+    """
+
+    def __init__(self, solver: SolverSource, *, feed: Feed = None, test_feed: TestFeed = None,
+                 device=None, weights: Union[None, str, Sequence[str]] = None,
+                 dtype: Optional[torch.dtype] = None):
+        self.param = self._read_param(solver)
+        p = self.param
+        self.type: str = p.type or "SGD"
+        self._check_param()
+        self.feed = feed
+        self._feed_arity = _feed_arity(feed) if callable(feed) else 0
+        self.test_feed = test_feed
+        self.iter: int = 0
+        self.current_step: int = 0
+        self.requested_early_exit = False
+        self._stop_requested = False
+        self._stop_snapshot = True
+        self._snapshot_requested = False
+        self._last_snapshot_iter: Optional[int] = None
+        self._callbacks: Dict[str, List[Callable]] = {"iteration": [], "test": [], "snapshot": []}
+        self._losses: List[float] = []
+        self.smoothed_loss: float = 0.0
+        self.last_lr: Optional[float] = None
+        # Caffe seeds its global RNG before building the nets
+        if p.random_seed >= 0:
+            seed = int(p.random_seed)
+            torch.manual_seed(seed)
+        else:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self.seed = seed
+        self.net = self._build_train_net(seed, device)
+        self.test_nets = self._build_test_nets(seed, device)
+        if dtype is not None:
+            for n in [self.net] + self.test_nets:
+                n.to(dtype)
+        wlist: List[str] = list(p.weights)
+        if weights is not None:
+            wlist += [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+        for item in wlist:
+            for w in str(item).split(","):
+                w = w.strip()
+                if w:
+                    self.load_weights(w)
+        self.history: List[Tensor] = self._new_history()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _read_param(solver: SolverSource) -> "caffe_pb2.SolverParameter":
+        from caffe_compat.io import read_solver_text
+        from caffe_compat.upgrade import upgrade_solver
+
+        if isinstance(solver, caffe_pb2.SolverParameter):
+            return upgrade_solver(solver, source="<SolverParameter>")
+        if not isinstance(solver, (str, os.PathLike)):
+            raise TypeError(f"solver must be a path, prototxt text or SolverParameter, not {type(solver)}")
+        src = os.fspath(solver)
+        param = read_solver_text(src)
+        if os.path.isfile(src):
+            # BVLC's UpgradeSnapshotPrefixProperty: default prefix from the solver file name;
+            # a prefix naming a directory gets the solver file's stem appended.
+            stem = os.path.splitext(src)[0]
+            if not param.HasField("snapshot_prefix"):
+                param.snapshot_prefix = stem
+            elif os.path.isdir(param.snapshot_prefix):
+                param.snapshot_prefix = os.path.join(param.snapshot_prefix, os.path.basename(stem))
+        return param
+
+    def _check_param(self) -> None:
+        """Caffe's CHECKs on the solver definition, as SolverErrors (before any net is built)."""
+        p = self.param
+        if self.type not in SOLVER_TYPES:
+            near = difflib.get_close_matches(self.type, SOLVER_TYPES, n=1, cutoff=0.5)
+            near += [t for t in SOLVER_TYPES if t.lower() == self.type.lower() and t not in near]
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise SolverError(f"unknown solver type '{self.type}' (types are case-sensitive; known: "
+                              f"{', '.join(SOLVER_TYPES)}).{hint}")
+        check_lr_policy(p)
+        if p.average_loss < 1:
+            raise SolverError(f"average_loss must be at least 1, got {p.average_loss}")
+        if p.iter_size < 1:
+            raise SolverError(f"iter_size must be at least 1, got {p.iter_size}")
+        if p.weight_decay != 0 and p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"unknown regularization_type '{p.regularization_type}'; allowed: L1, L2")
+        if self.type in ("AdaGrad", "RMSProp") and p.momentum != 0:
+            raise SolverError(f"momentum cannot be used with {self.type} (got momentum {p.momentum:g})")
+        if self.type == "RMSProp" and not 0 <= p.rms_decay < 1:
+            raise SolverError(f"rms_decay should lie in [0, 1), got {p.rms_decay:g}")
+        if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            raise SolverError("snapshot_format HDF5 is not supported; use BINARYPROTO (the default): "
+                              "weights are written as .caffemodel and the solver state as .solverstate")
+        if p.snapshot < 0:
+            raise SolverError(f"snapshot interval must not be negative, got {p.snapshot}")
+        if p.snapshot:
+            if not p.snapshot_prefix:
+                raise SolverError("snapshot is specified but snapshot_prefix is not")
+            folder = os.path.dirname(os.path.abspath(p.snapshot_prefix))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise SolverError(f"cannot write to snapshot prefix '{p.snapshot_prefix}': make sure "
+                                  f"the directory {folder} exists and is writable")
+        if p.snapshot_diff:
+            log.warning("snapshot_diff is ignored: snapshots hold weights only")
+
+    @staticmethod
+    def _net_file(path: str, what: str) -> str:
+        if os.path.exists(path):
+            return path
+        raise SolverError(f"{what} file '{path}' not found (net paths in a solver are relative to "
+                          f"the current directory {os.getcwd()}, as in Caffe)")
+
+    @staticmethod
+    def _merged_state(net_param: "caffe_pb2.NetParameter", phase: int,
+                      override: Optional["caffe_pb2.NetState"]) -> "caffe_pb2.NetState":
+        """Caffe's precedence: solver default phase < the net's own state < train/test_state."""
+        st = caffe_pb2.NetState()
+        st.phase = phase
+        st.MergeFrom(net_param.state)
+        if override is not None:
+            st.MergeFrom(override)
+        return st
+
+    def _make_net(self, source, phase: int, override, seed: int, device):
+        from caffe_compat.io import read_net_text
+        from caffe_compat.net import Net
+
+        net_param = read_net_text(source) if not isinstance(source, caffe_pb2.NetParameter) else source
+        st = self._merged_state(net_param, phase, override)
+        return Net(source, phase="train" if st.phase == caffe_pb2.TRAIN else "test",
+                   level=int(st.level), stages=list(st.stage), seed=seed, device=device)
+
+    def _build_train_net(self, seed: int, device):
+        p = self.param
+        fields = ("net", "net_param", "train_net", "train_net_param")
+        given = [f for f in fields if p.HasField(f)]
+        if not given:
+            raise SolverError("the solver must specify a train net using one of these fields: "
+                              + ", ".join(fields))
+        if len(given) > 1:
+            raise SolverError("the solver must not give more than one of these fields specifying a "
+                              f"train net: {', '.join(fields)} (got {', '.join(given)})")
+        f = given[0]
+        source = getattr(p, f)
+        if f in ("net", "train_net"):
+            source = self._net_file(source, f)
+        override = p.train_state if p.HasField("train_state") else None
+        return self._make_net(source, caffe_pb2.TRAIN, override, seed, device)
+
+    def _build_test_nets(self, seed: int, device) -> list:
+        p = self.param
+        sources: List[Any] = list(p.test_net_param)
+        sources += [self._net_file(t, "test_net") for t in p.test_net]
+        n_specific = len(sources)
+        generic = p.HasField("net") or p.HasField("net_param")
+        if generic:
+            if len(p.test_iter) < n_specific:
+                raise SolverError(f"test_iter must be given for each test net ({n_specific} test "
+                                  f"nets, {len(p.test_iter)} test_iter)")
+            for _ in range(len(p.test_iter) - n_specific):
+                sources.append(p.net if p.HasField("net") else p.net_param)
+        elif len(p.test_iter) != n_specific:
+            raise SolverError(f"test_iter must be given once per test net ({n_specific} test nets, "
+                              f"{len(p.test_iter)} test_iter)")
+        if len(p.test_state) and len(p.test_state) != len(sources):
+            raise SolverError(f"test_state must be unspecified or given once per test net "
+                              f"({len(sources)} test nets, {len(p.test_state)} test_state)")
+        if sources and p.test_interval <= 0:
+            raise SolverError(f"test_interval must be positive when there are test nets "
+                              f"(got {p.test_interval})")
+        nets = []
+        for i, src in enumerate(sources):
+            override = p.test_state[i] if len(p.test_state) else None
+            nets.append(self._make_net(src, caffe_pb2.TEST, override, seed + 1 + i, device))
+        return nets
+
+    def _new_history(self) -> List[Tensor]:
+        params = [info.param for info in self.net.learnable_params()]
+        hist = [torch.zeros_like(t, memory_format=torch.contiguous_format).detach() for t in params]
+        if self.type in ("AdaDelta", "Adam"):
+            hist += [torch.zeros_like(t, memory_format=torch.contiguous_format).detach() for t in params]
+        return hist
+
+    # ------------------------------------------------------------------ API
+    @property
+    def max_iter(self) -> int:
+        return int(self.param.max_iter)
+
+    def add_callback(self, fn: Callable, *, on: str = "iteration") -> None:
+        """Call ``fn(solver, info)`` after each iteration (``IterationInfo``), each test
+        (``on="test"``, ``TestResult``) or each snapshot (``on="snapshot"``, ``SnapshotInfo``)."""
+        if on not in self._callbacks:
+            raise ValueError(f"unknown callback event '{on}'; allowed: {', '.join(self._callbacks)}")
+        self._callbacks[on].append(fn)
+
+    def request_stop(self, snapshot: bool = True) -> None:
+        """Stop after the current iteration (or test pass); safe to call from a signal handler.
+
+        With ``snapshot`` the solver writes a snapshot of the iteration it stopped at (as
+        ``caffe train`` does on SIGINT); without, it writes nothing more.
+        """
+        self._stop_requested = True
+        self._stop_snapshot = bool(snapshot)
+
+    def request_snapshot(self) -> None:
+        """Write a snapshot after the current iteration and go on (Caffe's SIGHUP action)."""
+        self._snapshot_requested = True
+
+    def load_weights(self, path: str) -> None:
+        """Fine-tune from ``path`` (Caffe's CopyTrainedLayersFrom: layers absent from the file
+        keep their initial values) into the train net and every test net."""
+        for n in [self.net] + self.test_nets:
+            for note in n.load_weights(path, allow_missing=True):
+                log.info("%s: %s", path, note)
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate the next update will use (does not advance ``multistep``)."""
+        return learning_rate(self.param, self.iter, self.current_step)[0]
+
+    # ------------------------------------------------------------------ training
+    def _feed_inputs(self, iteration: int, pass_index: int) -> Dict[str, Any]:
+        feed = self.feed
+        if feed is None:
+            return {}
+        if callable(feed):
+            got = feed(iteration, pass_index) if self._feed_arity == 2 else feed(iteration)
+        else:
+            got = feed
+        return self._on_device(self.net, got)
+
+    @staticmethod
+    def _on_device(net, inputs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        if inputs is None:
+            return {}
+        if not isinstance(inputs, Mapping):
+            raise SolverError(f"a feed must return a dict of input blobs, got {type(inputs).__name__}")
+        dev = net.device
+        return {k: (v.to(dev) if isinstance(v, Tensor) and v.device != dev else v) for k, v in inputs.items()}
+
+    def _forward_backward(self, iteration: int, pass_index: int) -> Optional[Tensor]:
+        """One Caffe ``ForwardBackward``: returns the loss tensor (detached) or None."""
+        self.net.forward(**self._feed_inputs(iteration, pass_index))
+        loss = self.net.loss
+        if loss is None:
+            return None
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+    def _nonfinite_loss_top(self) -> Optional[str]:
+        for e in self.net.entries:
+            for t, w in zip(e.tops, e.loss_weights):
+                b = self.net.blobs.get(t)
+                if w and b is not None and not bool(torch.isfinite(b.detach()).all()):
+                    return f"'{t}' (layer '{e.name}')"
+        return None
+
+    def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
+        """Caffe's UpdateSmoothedLoss: running mean of the last ``average_loss`` losses."""
+        avg = int(self.param.average_loss)
+        if len(self._losses) < avg:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            idx = (self.iter - start_iter) % avg
+            self.smoothed_loss += (loss - self._losses[idx]) / avg
+            self._losses[idx] = loss
+
+    def _output_values(self, net) -> "OrderedDict[str, List[float]]":
+        out: "OrderedDict[str, List[float]]" = OrderedDict()
+        for name in net.output_names:
+            b = net.blobs.get(name)
+            if b is not None:
+                out[name] = [float(v) for v in b.detach().reshape(-1).double().cpu().tolist()]
+        return out
+
+    @staticmethod
+    def _loss_weights(net) -> Dict[str, float]:
+        w: Dict[str, float] = {}
+        for e in net.entries:
+            for t, lw in zip(e.tops, e.loss_weights):
+                w[t] = float(lw)
+        return w
+
+    def _display_outputs(self, net, values: Mapping[str, List[float]], what: str) -> None:
+        weights = self._loss_weights(net)
+        k = 0
+        for name, vals in values.items():
+            lw = weights.get(name, 0.0)
+            for v in vals:
+                extra = f" (* {_g(lw)} = {_g(lw * v)} loss)" if lw else ""
+                log.info("    %s net output #%d: %s = %s%s", what, k, name, _g(v), extra)
+                k += 1
+
+    def step(self, iters: int = 1) -> None:
+        """Run ``iters`` training iterations (Caffe's ``Solver::Step``)."""
+        p = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + int(iters)
+        self._losses = []
+        self.smoothed_loss = 0.0
+        params = self.net.learnable_params()
+        while self.iter < stop_iter:
+            for info in params:
+                info.param.grad = None
+            if (p.test_interval and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization) and self.test_nets):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            display = bool(p.display) and self.iter % p.display == 0
+            total: Optional[Tensor] = None
+            for i in range(int(p.iter_size)):
+                loss = self._forward_backward(self.iter, i)
+                if loss is not None:
+                    total = loss if total is None else total + loss
+            loss_val = 0.0 if total is None else float(total) / int(p.iter_size)
+            if not math.isfinite(loss_val):
+                top = self._nonfinite_loss_top()
+                where = f"; first non-finite loss top: {top}" if top else ""
+                raise SolverError(f"loss is {loss_val} at iteration {self.iter}{where} "
+                                  "(weights were not updated)")
+            self._update_smoothed_loss(loss_val, start_iter)
+            outputs = None
+            if display:
+                log.info("Iteration %d, loss = %s", self.iter, _g(self.smoothed_loss))
+                outputs = self._output_values(self.net)
+                self._display_outputs(self.net, outputs, "Train")
+            rate = self.apply_update(display=display)
+            self.iter += 1
+            info = IterationInfo(self.iter, loss_val, self.smoothed_loss, rate, self.max_iter, outputs)
+            for cb in self._callbacks["iteration"]:
+                cb(self, info)
+            stop = self._stop_requested
+            if ((p.snapshot and self.iter % p.snapshot == 0) or self._snapshot_requested
+                    or (stop and self._stop_snapshot)):
+                self._snapshot_requested = False
+                self.snapshot()
+            if stop:
+                self._stop_requested = False
+                self.requested_early_exit = True
+                break
+
+    def apply_update(self, display: bool = False) -> float:
+        """Caffe's ``ApplyUpdate`` on the accumulated gradients; returns the rate used."""
+        p = self.param
+        rate, self.current_step = learning_rate(p, self.iter, self.current_step)
+        self.last_lr = rate
+        if display:
+            log.info("Iteration %d, lr = %s", self.iter, _g(rate))
+        infos = self.net.learnable_params()
+        if len(self.history) not in (len(infos), 2 * len(infos)):
+            raise SolverError("the net's learnable parameters changed since the solver was built")
+        with torch.no_grad():
+            grads: List[Tensor] = []
+            for info in infos:
+                w = info.param
+                g = w.grad
+                grads.append(torch.zeros_like(w) if g is None else g)
+            self._clip_gradients(grads)
+            if p.iter_size != 1:
+                norm = float(np.float32(1.0) / np.float32(p.iter_size))
+                for g in grads:
+                    g.mul_(norm)
+            n = len(infos)
+            for i, (info, g) in enumerate(zip(infos, grads)):
+                w = info.param
+                self._regularize(w, g, info.decay_mult)
+                local_rate = float(np.float32(rate) * np.float32(info.lr_mult))
+                upd = self._compute_update(i, n, w, g, local_rate)
+                w.sub_(upd)  # Caffe's Net::Update: data -= diff
+        return rate
+
+    def _clip_gradients(self, grads: List[Tensor]) -> None:
+        clip = float(np.float32(self.param.clip_gradients))
+        if clip < 0:
+            return
+        sumsq = sum(float(torch.sum(g.double() * g.double())) for g in grads)
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            scale = float(np.float32(clip) / np.float32(norm))
+            log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
+                     _g(norm), _g(clip), _g(scale))
+            for g in grads:
+                g.mul_(scale)
+
+    def _regularize(self, w: Tensor, g: Tensor, decay_mult: float) -> None:
+        p = self.param
+        local_decay = float(np.float32(p.weight_decay) * np.float32(decay_mult))
+        if not local_decay:
+            return
+        if p.regularization_type == "L2":
+            g.add_(w, alpha=local_decay)
+        else:  # "L1" (checked at construction)
+            g.add_(torch.sign(w), alpha=local_decay)
+
+    def _hist(self, j: int, like: Tensor) -> Tensor:
+        h = self.history[j]
+        if h.device != like.device or h.dtype != like.dtype:
+            h = self.history[j] = h.to(device=like.device, dtype=like.dtype)
+        return h
+
+    def _compute_update(self, i: int, n: int, w: Tensor, g: Tensor, local_rate: float) -> Tensor:
+        """The solver type's ComputeUpdateValue for learnable blob ``i``; returns the step."""
+        p = self.param
+        t = self.type
+        f32 = np.float32
+        if t == "SGD":
+            h = self._hist(i, w)
+            h.mul_(float(f32(p.momentum))).add_(g, alpha=local_rate)
+            return h
+        if t == "Nesterov":
+            h = self._hist(i, w)
+            mom = float(f32(p.momentum))
+            prev = h.clone()
+            h.mul_(mom).add_(g, alpha=local_rate)
+            return h * float(f32(1) + f32(mom)) - prev * mom
+        if t == "AdaGrad":
+            h = self._hist(i, w)
+            h.add_(g * g)
+            return (g / (h.sqrt() + float(f32(p.delta)))) * local_rate
+        if t == "RMSProp":
+            h = self._hist(i, w)
+            decay = float(f32(p.rms_decay))
+            h.mul_(decay).add_(g * g, alpha=float(f32(1) - f32(decay)))
+            return (g / (h.sqrt() + float(f32(p.delta)))) * local_rate
+        if t == "AdaDelta":
+            hg, hu = self._hist(i, w), self._hist(n + i, w)
+            mom = float(f32(p.momentum))
+            one_m = float(f32(1) - f32(mom))
+            delta = float(f32(p.delta))
+            hg.mul_(mom).add_(g * g, alpha=one_m)
+            upd = g * ((hu + delta) / (hg + delta)).sqrt()
+            hu.mul_(mom).add_(upd * upd, alpha=one_m)
+            return upd * local_rate
+        if t == "Adam":
+            m, v = self._hist(i, w), self._hist(n + i, w)
+            b1, b2 = float(f32(p.momentum)), float(f32(p.momentum2))
+            step = self.iter + 1
+            # C++: pow(float, int) is double, so the correction is computed in double
+            correction = float(f32(math.sqrt(1.0 - math.pow(b2, step)) / (1.0 - math.pow(b1, step))))
+            m.mul_(b1).add_(g, alpha=float(f32(1) - f32(b1)))
+            v.mul_(b2).add_(g * g, alpha=float(f32(1) - f32(b2)))
+            return (m / (v.sqrt() + float(f32(p.delta)))) * float(f32(local_rate) * f32(correction))
+        raise AssertionError(t)  # pragma: no cover - checked at construction
+
+    def solve(self, resume_file: Optional[str] = None) -> None:
+        """Train to ``max_iter`` (Caffe's ``Solver::Solve``), optionally resuming a snapshot."""
+        p = self.param
+        log.info("Solving %s", self.net.net_name)
+        log.info("Learning Rate Policy: %s", p.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        stopped_without_snapshot = self.requested_early_exit and not self._stop_snapshot
+        if (p.snapshot_after_train and not stopped_without_snapshot
+                and self._last_snapshot_iter != self.iter
+                and (not p.snapshot or self.iter % p.snapshot != 0)):
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            with torch.no_grad():
+                self.net.forward(**self._feed_inputs(self.iter, 0))
+            loss = self.net.loss
+            self._update_smoothed_loss(0.0 if loss is None else float(loss), start_iter)
+            log.info("Iteration %d, loss = %s", self.iter, _g(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0 and self.test_nets:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    # ------------------------------------------------------------------ testing
+    def share_trained_layers(self, test_net) -> None:
+        """Caffe's ShareTrainedLayersWith: test-net layers named like train-net layers use the
+        train net's blobs (the same tensors, so tests see the current weights)."""
+        for e in test_net.entries:
+            if e.module is None:
+                continue
+            src = self.net._by_name.get(e.name)
+            if src is None or src.module is None:
+                continue
+            mine, theirs = e.module, src.module
+            if not theirs.blob_names:
+                continue
+            if len(mine.blob_names) != len(theirs.blob_names):
+                raise SolverError(f"test net layer '{e.name}' has {len(mine.blob_names)} blobs, the "
+                                  f"train net's has {len(theirs.blob_names)}")
+            for a, b in zip(mine.blob_names, theirs.blob_names):
+                t_src = getattr(theirs, b)
+                t_dst = getattr(mine, a)
+                if t_dst is t_src:
+                    continue
+                if tuple(t_dst.shape) != tuple(t_src.shape):
+                    raise SolverError(f"cannot share blob '{a}' of layer '{e.name}' with the train "
+                                      f"net: shape {tuple(t_dst.shape)} vs {tuple(t_src.shape)}")
+                if a in mine._parameters:
+                    mine._parameters[a] = t_src
+                else:
+                    mine._buffers[a] = t_src
+
+    def _test_inputs(self, net_id: int, i: int) -> Dict[str, Any]:
+        tf = self.test_feed
+        if tf is None:
+            return {}
+        got = tf(net_id, i) if callable(tf) else tf
+        return self._on_device(self.test_nets[net_id], got)
+
+    def test(self, test_net_id: int = 0) -> TestResult:
+        """Run test net ``test_net_id`` for its ``test_iter`` and average its outputs (Caffe's
+        ``TestClassification``); logs Caffe's lines and returns the scores."""
+        p = self.param
+        if not 0 <= test_net_id < len(self.test_nets):
+            raise SolverError(f"no test net #{test_net_id} (the solver has {len(self.test_nets)}; "
+                              "test nets come from test_net/test_net_param or net + test_iter)")
+        log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        net = self.test_nets[test_net_id]
+        self.share_trained_layers(net)
+        n_iter = int(p.test_iter[test_net_id])
+        sums: Optional[List[Tensor]] = None
+        names: List[str] = []
+        loss = 0.0
+        result = TestResult(test_net_id, self.iter)
+        with torch.no_grad():
+            for i in range(n_iter):
+                if self._snapshot_requested:
+                    self._snapshot_requested = False
+                    self.snapshot()
+                if self._stop_requested:
+                    self._stop_requested = False
+                    if self._stop_snapshot:
+                        self.snapshot()
+                    self.requested_early_exit = True
+                if self.requested_early_exit:
+                    break
+                outs = net.forward(**self._test_inputs(test_net_id, i))
+                if p.test_compute_loss and net.loss is not None:
+                    loss += float(net.loss)
+                vals = [o.detach().reshape(-1).double() for o in outs.values()]
+                if sums is None:
+                    names = list(outs.keys())
+                    sums = [v.clone() for v in vals]
+                else:
+                    for s, v in zip(sums, vals):
+                        s.add_(v)
+        if self.requested_early_exit:
+            log.info("Test interrupted.")
+            result.interrupted = True
+            return result
+        if p.test_compute_loss:
+            result.loss = loss / n_iter
+            log.info("Test loss: %s", _g(result.loss))
+        if sums is not None:
+            for name, s in zip(names, sums):
+                means = [float(x) / n_iter for x in s.cpu().tolist()]
+                result.scores[name] = means[0] if len(means) == 1 else means
+            self._display_outputs(net, OrderedDict((n, [v] if isinstance(v, float) else v)
+                                                   for n, v in result.scores.items()), "Test")
+        for cb in self._callbacks["test"]:
+            cb(self, result)
+        return result
+
+    def test_all(self) -> List[TestResult]:
+        """Every test net in turn (Caffe's ``TestAll``)."""
+        out = []
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            out.append(self.test(i))
+        return out
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_filename(self, extension: str) -> str:
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self) -> Tuple[str, str]:
+        """Write ``{prefix}_iter_{N}.caffemodel`` and ``.solverstate`` (each atomically)."""
+        model = self.snapshot_filename(".caffemodel")
+        folder = os.path.dirname(os.path.abspath(model))
+        if not os.path.isdir(folder):
+            raise SolverError(f"cannot write snapshot {model}: directory {folder} does not exist")
+        if not self.param.snapshot_prefix:
+            log.warning("snapshot_prefix is not set: writing %s in the current directory", model)
+        log.info("Snapshotting to binary proto file %s", model)
+        try:
+            self.net.save_weights(model)
+        except OSError as e:
+            raise SolverError(f"cannot write snapshot {model}: {e}") from None
+        state = self.snapshot_filename(".solverstate")
+        log.info("Snapshotting solver state to binary proto file %s", state)
+        self._write_state(state, model)
+        self._last_snapshot_iter = self.iter
+        info = SnapshotInfo(self.iter, model, state)
+        for cb in self._callbacks["snapshot"]:
+            cb(self, info)
+        return model, state
+
+    def _rng_states(self) -> Dict[str, Any]:
+        rng: Dict[str, Any] = {"torch_cpu": _b64(torch.get_rng_state())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        nets = {}
+        for name, net in [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]:
+            gen = _net_generator(net)
+            if gen is not None:
+                nets[name] = _b64(gen.get_state())
+        rng["nets"] = nets
+        return rng
+
+    def _set_rng_states(self, rng: Mapping[str, Any]) -> None:
+        if "torch_cpu" in rng:
+            torch.set_rng_state(_unb64(rng["torch_cpu"]))
+        cuda = rng.get("torch_cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+        nets = rng.get("nets", {})
+        for name, net in [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]:
+            gen = _net_generator(net)
+            if gen is not None and name in nets:
+                gen.set_state(_unb64(nets[name]))
+
+    def _write_state(self, path: str, model: str) -> None:
+        from safetensors.torch import save as st_save
+
+        from caffe_compat.atomic import atomic_write
+
+        meta = {
+            "version": STATE_VERSION,
+            "type": self.type,
+            "iter": self.iter,
+            "current_step": self.current_step,
+            "learned_net": model,
+            "params": [[i.key, list(i.param.shape)] for i in self.net.learnable_params()],
+            "history_size": len(self.history),
+            "rng": self._rng_states(),
+        }
+        tensors = {f"history.{i}": h.detach().cpu().contiguous() for i, h in enumerate(self.history)}
+        data = st_save(tensors, metadata={"format": STATE_FORMAT, "state": json.dumps(meta)})
+        try:
+            atomic_write(path, data)
+        except OSError as e:
+            raise SolverError(f"cannot write solver state {path}: {e}") from None
+
+    @staticmethod
+    def _is_safetensors(data: bytes) -> bool:
+        if len(data) < 10:
+            return False
+        (n,) = struct.unpack("<Q", data[:8])
+        return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+
+    def restore(self, state_path: str) -> None:
+        """Restore a snapshot: weights, iteration, step counter, history and RNG states.
+
+        Reads this project's ``.solverstate`` (safetensors) or Caffe's binaryproto one.
+        """
+        state_path = os.fspath(state_path)
+        if state_path.endswith(".h5"):
+            raise SolverError("HDF5 solver states are not supported; use a .solverstate file",
+                              where=state_path)
+        try:
+            with open(state_path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise SolverError(f"cannot read solver state: {e.strerror}", where=state_path) from None
+        if self._is_safetensors(data):
+            self._restore_ours(state_path, data)
+        else:
+            self._restore_caffe(state_path, data)
+        log.info("Restored solver state at iteration %d from %s", self.iter, state_path)
+
+    def _learned_net_path(self, state_path: str, learned: str) -> str:
+        if os.path.exists(learned):
+            return learned
+        alt = os.path.join(os.path.dirname(os.path.abspath(state_path)), os.path.basename(learned))
+        if os.path.exists(alt):
+            return alt
+        raise SolverError(f"the weights file '{learned}' named by the solver state was not found "
+                          "(looked relative to the current directory and next to the state file)",
+                          where=state_path)
+
+    def _load_history(self, arrays: List[Tensor], state_path: str) -> None:
+        if len(arrays) != len(self.history):
+            raise SolverError(f"incorrect number of history blobs: the state has {len(arrays)}, a "
+                              f"{self.type} solver on this net needs {len(self.history)} (another "
+                              "solver type or net?)", where=state_path)
+        for i, (h, a) in enumerate(zip(self.history, arrays)):
+            if a.numel() != h.numel():
+                raise SolverError(f"history blob {i} has {a.numel()} values, expected {h.numel()} "
+                                  f"(shape {tuple(h.shape)})", where=state_path)
+            with torch.no_grad():
+                h.copy_(a.reshape(h.shape).to(device=h.device, dtype=h.dtype))
+
+    def _restore_ours(self, state_path: str, data: bytes) -> None:
+        from safetensors.torch import load as st_load
+
+        (n,) = struct.unpack("<Q", data[:8])
+        try:
+            header = json.loads(data[8:8 + n].decode("utf-8"))
+            meta = header.get("__metadata__", {}) or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise SolverError(f"not a solver state (format {meta.get('format')!r})", where=state_path)
+            state = json.loads(meta["state"])
+            tensors = st_load(data)
+        except SolverError:
+            raise
+        except Exception as e:  # corrupt JSON or tensors
+            raise SolverError(f"corrupt solver state: {e}", where=state_path) from None
+        if state.get("version", 0) > STATE_VERSION:
+            raise SolverError(f"solver state version {state.get('version')} is newer than this "
+                              f"caffe-compat understands ({STATE_VERSION})", where=state_path)
+        if state.get("type") != self.type:
+            raise SolverError(f"the state was written by a {state.get('type')} solver, this one is "
+                              f"{self.type}", where=state_path)
+        hist = [tensors[f"history.{i}"] for i in range(int(state["history_size"]))]
+        learned = state.get("learned_net")
+        if learned:
+            self.net.load_weights(self._learned_net_path(state_path, learned))
+        self._load_history(hist, state_path)
+        self.iter = int(state["iter"])
+        self.current_step = int(state.get("current_step", 0))
+        self._set_rng_states(state.get("rng", {}))
+
+    def _restore_caffe(self, state_path: str, data: bytes) -> None:
+        from caffe_compat.io import blob_to_array, parse_binary
+
+        try:
+            st = parse_binary(data, caffe_pb2.SolverState(), state_path)
+        except CaffeCompatError as e:
+            raise SolverError(f"not a solver state: {e.message}", where=state_path) from None
+        if st.HasField("learned_net"):
+            self.net.load_weights(self._learned_net_path(state_path, st.learned_net))
+        arrays = [torch.from_numpy(np.array(blob_to_array(b, where=state_path))) for b in st.history]
+        self._load_history(arrays, state_path)
+        self.iter = int(st.iter)
+        self.current_step = int(st.current_step)
+
+
+def get_solver(solver: SolverSource, **kw) -> Solver:
+    """pycaffe's ``caffe.get_solver``: the solver of the definition's ``type``."""
+    return Solver(solver, **kw)
