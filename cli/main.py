@@ -46,7 +46,15 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
-    from caffe_compat.cli import convert, inspect_cmd, synthetic_voc  # noqa: F401
+    """Import every command module of this package (each attaches itself to ``main``)."""
+    import importlib
+    import pkgutil
+
+    import caffe_compat.cli as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("main", "__main__"):
+            importlib.import_module(f"caffe_compat.cli.{info.name}")
 
 
 _register()

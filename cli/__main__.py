@@ -1,0 +1,3 @@
+from caffe_compat.cli.main import main
+
+main()
