@@ -1,0 +1,123 @@
+"""Caffe's ``caffe time``: per-layer and whole-net forward/backward timings.
+
+Timings use wall-clock time with CUDA synchronization around each measured region, so
+layer times on a GPU are real (and the per-layer pass is slower than the whole-net pass,
+as in Caffe, because every layer boundary synchronizes).
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class TimingReport:
+    iterations: int
+    forward_ms: float
+    backward_ms: Optional[float]
+    layer_forward_ms: "OrderedDict[str, float]" = field(default_factory=OrderedDict)
+    layer_backward_ms: "OrderedDict[str, float]" = field(default_factory=OrderedDict)
+
+    def lines(self) -> List[str]:
+        out = []
+        for name, ms in self.layer_forward_ms.items():
+            out.append(f"{name:>24s}\tforward: {ms:.4f} ms.")
+            if name in self.layer_backward_ms:
+                out.append(f"{name:>24s}\tbackward: {self.layer_backward_ms[name]:.4f} ms.")
+        out.append(f"Average Forward pass: {self.forward_ms:.4f} ms.")
+        if self.backward_ms is not None:
+            out.append(f"Average Backward pass: {self.backward_ms:.4f} ms.")
+            out.append(f"Average Forward-Backward: {self.forward_ms + self.backward_ms:.4f} ms.")
+        return out
+
+
+def random_inputs(net, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random inputs of the net's declared input shapes (labels as small integers)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in net.input_names:
+        shape = net.blob_shapes.get(name)
+        if shape is None:
+            continue
+        if "label" in name:
+            out[name] = torch.randint(0, 2, shape, generator=g).to(net.dtype)
+        else:
+            out[name] = torch.randn(shape, generator=g, dtype=net.dtype)
+    return {k: v.to(net.device) for k, v in out.items()}
+
+
+def time_net(net, iterations: int = 50, *, backward: Optional[bool] = None, warmup: int = 2,
+             per_layer: bool = True, inputs: Optional[Dict[str, torch.Tensor]] = None) -> TimingReport:
+    """Average forward (and backward, for nets with a loss) over ``iterations`` runs."""
+    device = net.device
+    feeds = inputs if inputs is not None else random_inputs(net)
+    if backward is None:
+        with torch.no_grad():
+            net.forward(**feeds)
+        backward = net.loss is not None and net.loss.requires_grad
+    ctx = torch.enable_grad if backward else torch.no_grad
+    for _ in range(warmup):
+        with ctx():
+            net.forward(**feeds)
+            if backward:
+                net.zero_grad(set_to_none=True)
+                net.loss.backward()
+    fw, bw = [], []
+    for _ in range(iterations):
+        net.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        with ctx():
+            net.forward(**feeds)
+        _sync(device)
+        t1 = time.perf_counter()
+        fw.append(t1 - t0)
+        if backward:
+            net.loss.backward()
+            _sync(device)
+            bw.append(time.perf_counter() - t1)
+    report = TimingReport(iterations, float(np.mean(fw)) * 1e3, float(np.mean(bw)) * 1e3 if bw else None)
+    if per_layer:
+        report.layer_forward_ms = _per_layer_forward(net, feeds, max(1, min(iterations, 10)), device)
+    return report
+
+
+def _per_layer_forward(net, feeds, iterations: int, device) -> "OrderedDict[str, float]":
+    times: Dict[str, List[float]] = OrderedDict((e.name, []) for e in net.entries)
+    hooks = []
+    starts: Dict[str, float] = {}
+
+    def pre(name):
+        def fn(mod, args):
+            _sync(device)
+            starts[name] = time.perf_counter()
+        return fn
+
+    def post(name):
+        def fn(mod, args, out):
+            _sync(device)
+            times[name].append(time.perf_counter() - starts[name])
+        return fn
+
+    for e in net.entries:
+        if e.module is not None:
+            hooks.append(e.module.register_forward_pre_hook(pre(e.name)))
+            hooks.append(e.module.register_forward_hook(post(e.name)))
+    try:
+        with torch.no_grad():
+            for _ in range(iterations):
+                net.forward(**feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return OrderedDict((k, float(np.mean(v)) * 1e3) for k, v in times.items() if v)
