@@ -59,12 +59,12 @@ def record(path, prototxt, *, seed=0, phase="TEST", inputs=None, params=None,
     for name, b in net.blobs.items():
         out["blob/%s" % name] = b.data.copy()
     if not skip_backward:
-        diffs = {}
         for name in net.outputs:
-            d = rng.randn(*net.blobs[name].data.shape).astype(np.float32)
-            diffs[name] = d
+            shape = net.blobs[name].data.shape
+            d = np.asarray(rng.randn(*shape), dtype=np.float32).reshape(shape)
+            net.blobs[name].diff[...] = d  # set directly: pycaffe's kwargs check fails on 0-axis tops
             out["top_diff/%s" % name] = d
-        net.backward(**diffs)
+        net.backward()
         for name in net.inputs:
             out["diff/%s" % name] = net.blobs[name].diff.copy()
         for lname, blobs in net.params.items():
