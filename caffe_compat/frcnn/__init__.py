@@ -1,0 +1,1 @@
+"""py-faster-rcnn training and test-time pipelines on caffe_compat."""

@@ -1,0 +1,512 @@
+"""py-faster-rcnn's test-time pipeline: ``im_detect`` on one image, ``test_net`` on an imdb.
+
+What a trained detector's numbers depend on, kept from ``lib/fast_rcnn/test.py``:
+
+* the image is BGR minus ``PIXEL_MEANS``, resized (``cv2.INTER_LINEAR``) so the shorter
+  side is each of ``TEST.SCALES`` unless the longer side would round above
+  ``TEST.MAX_SIZE``; several scales make an image pyramid in one zero-padded blob;
+* RPN nets (``TEST.HAS_RPN``) take ``data`` and ``im_info = [[H, W, scale]]`` (the blob's
+  height and width) and test at one scale; their proposals are read back from the net's
+  ``rois`` blob and divided by the scale;
+* nets fed precomputed proposals take ``data`` and ``rois``: each box goes to the pyramid
+  level whose scaled area is closest to 224 x 224, and boxes that fall on the same
+  feature cells (``DEDUP_BOXES``) are computed once and mapped back;
+* scores are ``cls_prob`` (``cls_score`` with ``TEST.SVM``), boxes the ``bbox_pred``
+  deltas applied to the proposals and clipped to the image (``TEST.BBOX_REG``);
+* ``test_net`` keeps, per class, scores strictly above ``thresh``, runs NMS at
+  ``TEST.NMS``, then keeps the ``max_per_image`` best over all classes (ties at the cut
+  all stay), and hands ``all_boxes[class][image]`` to ``imdb.evaluate_detections``.
+
+Everything after the image blob runs in torch on the net's device under ``no_grad``.
+Detections are cached as ``.npz`` (never pickle); :func:`load_detections` reads them.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from caffe_compat.boxes import bbox_transform_inv, clip_boxes, nms
+from caffe_compat.config import ConfigError, cfg, get_output_dir
+from caffe_compat.errors import DataError, GraphError, ShapeError
+
+__all__ = [
+    "Timer", "im_detect", "test_net", "apply_nms", "detections_per_class", "limit_per_image",
+    "save_detections", "load_detections", "read_image",
+]
+
+log = logging.getLogger(__name__)
+
+Detector = Callable[[Any, np.ndarray, Optional[np.ndarray]], Tuple[Tensor, Tensor]]
+
+
+# ----------------------------------------------------------------------------- helpers
+class Timer:
+    """Wall-clock timer with a running average (py-faster-rcnn's ``utils.timer.Timer``).
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each reading so that
+    asynchronous device work is counted where it was launched.
+    """
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None) -> None:
+        self.total_time = 0.0
+        self.calls = 0
+        self.start_time = 0.0
+        self.diff = 0.0
+        self.average_time = 0.0
+        self._sync = sync
+
+    def tic(self) -> None:
+        if self._sync is not None:
+            self._sync()
+        self.start_time = time.perf_counter()
+
+    def toc(self, average: bool = True) -> float:
+        if self._sync is not None:
+            self._sync()
+        self.diff = time.perf_counter() - self.start_time
+        self.total_time += self.diff
+        self.calls += 1
+        self.average_time = self.total_time / self.calls
+        return self.average_time if average else self.diff
+
+
+def _device_sync(device: torch.device) -> Optional[Callable[[], None]]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def _net_device(net: Any) -> torch.device:
+    dev = getattr(net, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+def _net_dtype(net: Any) -> torch.dtype:
+    dt = getattr(net, "dtype", None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def read_image(path: str) -> np.ndarray:
+    """A BGR ``uint8`` image (``cv2.imread``), or ``DataError`` naming the file."""
+    import cv2
+
+    if not os.path.isfile(path):
+        raise DataError("image file not found", where=path)
+    im = cv2.imread(path, cv2.IMREAD_COLOR)
+    if im is None:
+        raise DataError("cannot read image (not an image file OpenCV can decode)", where=path)
+    return im
+
+
+# ----------------------------------------------------------------------------- blobs
+def _get_image_blob(im: np.ndarray, config: Any = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The image pyramid blob ``(len(TEST.SCALES), 3, H, W)`` and each level's scale.
+
+    Host-side with OpenCV, as the original: bilinear resizing is where a torch port
+    would silently change the pixels a trained model sees.
+    """
+    from caffe_compat.roidb import im_list_to_blob, prep_im_for_blob
+
+    c = cfg if config is None else config
+    if im is None or np.ndim(im) != 3 or np.shape(im)[2] != 3:
+        raise DataError(f"im_detect needs an H x W x 3 BGR image, got shape {np.shape(im)}")
+    scales = tuple(c.TEST.SCALES)
+    if not scales:
+        raise ConfigError("TEST.SCALES is empty; give at least one test scale, e.g. (600,)")
+    ims, factors = [], []
+    for target in scales:
+        resized, s = prep_im_for_blob(im, c.PIXEL_MEANS, target, c.TEST.MAX_SIZE)
+        ims.append(resized)
+        factors.append(s)
+    return im_list_to_blob(ims), np.array(factors, dtype=np.float64)
+
+
+def _project_im_rois(im_rois: Tensor, scales: Tensor) -> Tuple[Tensor, Tensor]:
+    """Boxes ``(R, 4)`` in image coordinates to pyramid coordinates and levels ``(R, 1)``.
+
+    With several scales each box goes to the level where its scaled ``+1`` area is
+    closest to ``224 * 224`` (first such level on ties); with one scale, level 0.
+    Float64, as the original.
+    """
+    rois = im_rois.to(torch.float64)
+    scales = scales.to(device=rois.device, dtype=torch.float64)
+    if scales.numel() > 1:
+        widths = rois[:, 2] - rois[:, 0] + 1
+        heights = rois[:, 3] - rois[:, 1] + 1
+        areas = widths * heights
+        scaled = areas[:, None] * scales[None, :] ** 2
+        diff = (scaled - 224 * 224).abs()
+        levels = diff.argmin(dim=1, keepdim=True) if rois.shape[0] else \
+            torch.zeros((0, 1), dtype=torch.long, device=rois.device)
+    else:
+        levels = torch.zeros((rois.shape[0], 1), dtype=torch.long, device=rois.device)
+    return rois * scales[levels], levels
+
+
+def _get_rois_blob(im_rois: Tensor, scales: Tensor) -> Tensor:
+    """``(R, 5)`` float32 rows ``[level, x1, y1, x2, y2]`` for a ``rois`` input."""
+    rois, levels = _project_im_rois(im_rois, scales)
+    return torch.cat([levels.to(torch.float64), rois], dim=1).to(torch.float32)
+
+
+def _dedup(rois_blob: Tensor, dedup: float) -> Tuple[Tensor, Tensor]:
+    """Indices of the first of each group of rois equal after scaling by ``dedup`` and
+    rounding, in the order of their hashes (as ``np.unique``), and the inverse map."""
+    v = torch.tensor([1.0, 1e3, 1e6, 1e9, 1e12], dtype=torch.float64, device=rois_blob.device)
+    hashes = torch.round(rois_blob * dedup).to(torch.float64) @ v
+    uniq, inverse = torch.unique(hashes, sorted=True, return_inverse=True)
+    n = hashes.shape[0]
+    first = torch.full((uniq.shape[0],), n, dtype=torch.long, device=hashes.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=hashes.device), reduce="amin")
+    return first, inverse
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``(N, ...)`` as ``(N, C)``; works for ``N == 0`` (``reshape(0, -1)`` cannot)."""
+    if t.dim() == 2:
+        return t
+    if t.dim() < 2:
+        return t.reshape(-1, 1)
+    return t.flatten(1)
+
+
+def _blob(outputs: Dict[str, Tensor], net: Any, name: str) -> Optional[Tensor]:
+    if name in outputs:
+        return outputs[name]
+    blobs = getattr(net, "blobs", None) or {}
+    return blobs.get(name) if hasattr(blobs, "get") else None
+
+
+def _blob_names(outputs: Dict[str, Tensor], net: Any) -> str:
+    names = list(outputs)
+    for n in (getattr(net, "blobs", None) or {}):
+        if n not in names:
+            names.append(n)
+    return ", ".join(names) or "none"
+
+
+def _check_inputs(net: Any, has_rpn: bool) -> None:
+    inputs = list(getattr(net, "input_names", ()) or ())
+    need = ("data", "im_info") if has_rpn else ("data", "rois")
+    missing = [n for n in need if n not in inputs]
+    if not missing:
+        return
+    shown = ", ".join(inputs) or "none"
+    if has_rpn and "rois" in inputs and "im_info" not in inputs:
+        hint = ("; it takes precomputed proposals: set TEST.HAS_RPN False (and give the imdb "
+                "proposals) or use the net's RPN test definition")
+    elif not has_rpn and "im_info" in inputs:
+        hint = ("; it computes its own proposals (an RPN net): set TEST.HAS_RPN True "
+                "(`--set TEST.HAS_RPN True` or `--cfg experiments/cfgs/faster_rcnn_end2end.yml`)")
+    else:
+        hint = ""
+    mode = "an RPN net (TEST.HAS_RPN)" if has_rpn else "a net fed proposals (TEST.HAS_RPN False)"
+    raise GraphError(f"im_detect on {mode} needs net inputs {', '.join(need)}; this net has no "
+                     f"{', '.join(repr(m) for m in missing)} (inputs: {shown}){hint}")
+
+
+# ----------------------------------------------------------------------------- im_detect
+def im_detect(net: Any, im: np.ndarray, boxes: Optional[Any] = None) -> Tuple[Tensor, Tensor]:
+    """Detect objects in a BGR image: ``(scores (R, K), pred_boxes (R, 4K))`` torch tensors.
+
+    ``boxes`` are ``(R, 4)`` proposals in image coordinates for nets fed proposals, and
+    ``None`` for RPN nets (``cfg.TEST.HAS_RPN``), whose proposals come from the net's
+    ``rois`` blob.  ``K`` includes the background as class 0.  Results are on the net's
+    device, in its dtype for scores and float32 (or the deltas' dtype) for boxes.
+    """
+    c = cfg
+    has_rpn = bool(c.TEST.HAS_RPN)
+    _check_inputs(net, has_rpn)
+    device = _net_device(net)
+    dtype = _net_dtype(net)
+    data_np, scales_np = _get_image_blob(im, c)
+    if has_rpn and len(scales_np) != 1:
+        raise ConfigError(f"RPN nets (TEST.HAS_RPN) test one image at one scale; TEST.SCALES has "
+                          f"{len(scales_np)}: {tuple(c.TEST.SCALES)}")
+    scales = torch.as_tensor(scales_np, dtype=torch.float64, device=device)
+    index = inverse = None
+    with torch.no_grad():
+        inputs: Dict[str, Tensor] = {
+            "data": torch.as_tensor(data_np, device=device).to(dtype)}
+        if has_rpn:
+            inputs["im_info"] = torch.tensor(
+                [[data_np.shape[2], data_np.shape[3], scales_np[0]]], dtype=torch.float32,
+                device=device).to(dtype)
+            props: Optional[Tensor] = None
+        else:
+            if boxes is None:
+                raise DataError("this net is fed proposals (TEST.HAS_RPN False): im_detect needs "
+                                "boxes (R x 4 proposals); for an RPN net set TEST.HAS_RPN True")
+            props = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+                                    if not isinstance(boxes, Tensor) else boxes.to(torch.float64),
+                                    device=device).reshape(-1, 4)
+            rois_blob = _get_rois_blob(props, scales)
+            if c.DEDUP_BOXES > 0:
+                index, inverse = _dedup(rois_blob, float(c.DEDUP_BOXES))
+                rois_blob = rois_blob[index]
+                props = props[index]
+            inputs["rois"] = rois_blob.to(dtype)
+
+        outputs = net.forward(**inputs)
+
+        if has_rpn:
+            rois = _blob(outputs, net, "rois")
+            if rois is None:
+                raise GraphError("RPN net has no 'rois' blob (the proposal layer's top) after "
+                                 f"forward; blobs: {_blob_names(outputs, net)}")
+            rois = _rows(rois)
+            if rois.shape[1] != 5:
+                raise ShapeError(f"'rois' must be R x 5 [batch, x1, y1, x2, y2], got {tuple(rois.shape)}")
+            props = rois[:, 1:5] / float(scales_np[0])
+        assert props is not None
+
+        score_name = "cls_score" if c.TEST.SVM else "cls_prob"
+        scores = _blob(outputs, net, score_name)
+        if scores is None:
+            raise GraphError(f"net has no '{score_name}' blob to read class scores from "
+                             f"({'TEST.SVM' if c.TEST.SVM else 'softmax probabilities'}); "
+                             f"blobs: {_blob_names(outputs, net)}")
+        scores = _rows(scores)
+        if scores.shape[0] != props.shape[0]:
+            raise ShapeError(f"'{score_name}' has {scores.shape[0]} rows but there are "
+                             f"{props.shape[0]} rois")
+        num_classes = scores.shape[1]
+
+        if c.TEST.BBOX_REG:
+            deltas = _blob(outputs, net, "bbox_pred")
+            if deltas is None:
+                raise GraphError("net has no 'bbox_pred' blob for box regression (set TEST.BBOX_REG "
+                                 f"False to use the proposals as they are); blobs: {_blob_names(outputs, net)}")
+            deltas = _rows(deltas)
+            if tuple(deltas.shape) != (props.shape[0], 4 * num_classes):
+                raise ShapeError(f"'bbox_pred' must be ({props.shape[0]}, {4 * num_classes}) "
+                                 f"(4 deltas per class of '{score_name}'), got {tuple(deltas.shape)}")
+            pred_boxes = bbox_transform_inv(props, deltas)
+            if pred_boxes.shape[0]:   # (clip_boxes cannot reshape an empty (0, 4K) tensor)
+                pred_boxes = clip_boxes(pred_boxes, (im.shape[0], im.shape[1]))
+        else:
+            pred_boxes = props.to(torch.float32 if props.dtype == torch.float64 else props.dtype)
+            pred_boxes = pred_boxes.repeat(1, num_classes)
+
+        if inverse is not None:
+            scores = scores[inverse]
+            pred_boxes = pred_boxes[inverse]
+    return scores, pred_boxes
+
+
+# ----------------------------------------------------------------------------- post-processing
+def detections_per_class(scores: Tensor, boxes: Tensor, thresh: float, nms_thresh: float,
+                         skip_background: bool = True) -> List[np.ndarray]:
+    """For each class, ``(n, 5)`` float32 ``x1 y1 x2 y2 score`` with score ``> thresh``
+    after NMS at ``nms_thresh`` (best first); entry 0 (background) is an empty array."""
+    num_classes = scores.shape[1]
+    out: List[np.ndarray] = [np.zeros((0, 5), dtype=np.float32)]
+    for j in range(1 if skip_background else 0, num_classes):
+        inds = torch.nonzero(scores[:, j] > thresh).reshape(-1)
+        cls_scores = scores[inds, j].to(torch.float32)
+        cls_boxes = boxes[inds, j * 4:(j + 1) * 4].to(torch.float32)
+        keep = nms(cls_boxes, cls_scores, float(nms_thresh))
+        dets = torch.cat([cls_boxes[keep], cls_scores[keep, None]], dim=1)
+        arr = dets.cpu().numpy().astype(np.float32, copy=False)
+        if j == 0:
+            out[0] = arr
+        else:
+            out.append(arr)
+    return out
+
+
+def limit_per_image(per_class: List[np.ndarray], max_per_image: int) -> List[np.ndarray]:
+    """Keep the ``max_per_image`` best detections over classes 1.. (all ties at the cut)."""
+    if max_per_image <= 0:
+        return per_class
+    scores = np.hstack([d[:, -1] for d in per_class[1:]]) if len(per_class) > 1 else np.zeros(0)
+    if len(scores) <= max_per_image:
+        return per_class
+    image_thresh = np.sort(scores)[-max_per_image]
+    return [per_class[0]] + [d[d[:, -1] >= image_thresh] for d in per_class[1:]]
+
+
+def apply_nms(all_boxes: Sequence[Sequence[Any]], thresh: float) -> List[List[Any]]:
+    """NMS at ``thresh`` on every ``all_boxes[class][image]`` (empty entries stay ``[]``)."""
+    out: List[List[Any]] = []
+    for per_image in all_boxes:
+        row: List[Any] = []
+        for dets in per_image:
+            d = np.asarray(dets, dtype=np.float32).reshape(-1, 5) if len(dets) else None
+            if d is None or d.shape[0] == 0:
+                row.append([])
+                continue
+            t = torch.from_numpy(d)
+            keep = nms(t[:, :4], t[:, 4], float(thresh)).numpy()
+            row.append(d[keep].copy() if len(keep) else [])
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- cache
+def save_detections(path: str, all_boxes: Sequence[Sequence[Any]],
+                    classes: Optional[Sequence[str]] = None,
+                    image_ids: Optional[Sequence[Any]] = None) -> None:
+    """Write ``all_boxes[class][image]`` as one ``.npz`` (no pickle).
+
+    Keys: ``dets`` ``(M, 5)`` float32, ``class_index`` and ``image_index`` ``(M,)``,
+    ``num_classes``/``num_images``, and ``classes``/``image_ids`` as string arrays.
+    """
+    from caffe_compat.atomic import atomic_open
+
+    num_classes = len(all_boxes)
+    num_images = len(all_boxes[0]) if num_classes else 0
+    dets, ci, ii = [], [], []
+    for c, per_image in enumerate(all_boxes):
+        for i, d in enumerate(per_image):
+            a = np.asarray(d, dtype=np.float32).reshape(-1, 5) if len(d) else np.zeros((0, 5), np.float32)
+            dets.append(a)
+            ci.append(np.full(a.shape[0], c, dtype=np.int32))
+            ii.append(np.full(a.shape[0], i, dtype=np.int32))
+    arrays: Dict[str, np.ndarray] = {
+        "dets": np.concatenate(dets) if dets else np.zeros((0, 5), np.float32),
+        "class_index": np.concatenate(ci) if ci else np.zeros(0, np.int32),
+        "image_index": np.concatenate(ii) if ii else np.zeros(0, np.int32),
+        "num_classes": np.array(num_classes, dtype=np.int64),
+        "num_images": np.array(num_images, dtype=np.int64),
+    }
+    if classes is not None:
+        arrays["classes"] = np.array([str(c) for c in classes])
+    if image_ids is not None:
+        arrays["image_ids"] = np.array([str(i) for i in image_ids])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with atomic_open(path) as f:
+        f.write(buf.getvalue())
+
+
+def load_detections(path: str) -> List[List[np.ndarray]]:
+    """``all_boxes[class][image]`` (``(n, 5)`` float32 arrays) from :func:`save_detections`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            dets, ci, ii = z["dets"], z["class_index"], z["image_index"]
+            nc, ni = int(z["num_classes"]), int(z["num_images"])
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot read detections file: {e}", where=path) from None
+    out = [[np.zeros((0, 5), np.float32) for _ in range(ni)] for _ in range(nc)]
+    for c in range(nc):
+        sel_c = ci == c
+        for i in np.unique(ii[sel_c]):
+            out[c][int(i)] = dets[sel_c & (ii == i)]
+    return out
+
+
+# ----------------------------------------------------------------------------- test_net
+def _net_name(net: Any) -> Optional[str]:
+    for attr in ("name", "net_name"):
+        v = getattr(net, attr, None)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05,
+             vis: bool = False, output_dir: Optional[str] = None, *,
+             log_fn: Optional[Callable[[str], None]] = None,
+             detect_fn: Optional[Detector] = None) -> Dict[str, Any]:
+    """Detect on every image of ``imdb`` and evaluate: ``{"ap": {class: AP}, "mAP": m, ...}``.
+
+    Per image: :func:`im_detect` (on the imdb's non-ground-truth proposals unless
+    ``TEST.HAS_RPN``), per class scores ``> thresh`` and NMS at ``TEST.NMS``, then at most
+    ``max_per_image`` detections over all classes (``<= 0``: no limit).  Detections go to
+    ``output_dir/detections.npz`` (default: ``get_output_dir(imdb, net)``), images with
+    drawn boxes to ``output_dir/vis`` when ``vis``.  The result adds ``det_file``,
+    ``num_images``, ``all_boxes`` and average ``im_detect``/``misc`` times to what
+    ``imdb.evaluate_detections`` returns.  Progress lines go to ``log_fn`` (default: this
+    module's logger at INFO).
+    """
+    emit = log_fn or log.info
+    detect = detect_fn or im_detect
+    c = cfg
+    num_images = len(imdb.image_index)
+    num_classes = imdb.num_classes
+    all_boxes: List[List[Any]] = [[[] for _ in range(num_images)] for _ in range(num_classes)]
+    if output_dir is None:
+        name = _net_name(net)
+        output_dir = get_output_dir(imdb, _Named(name) if name else None)
+    os.makedirs(output_dir, exist_ok=True)
+
+    sync = _device_sync(_net_device(net))
+    timers = {"im_detect": Timer(sync), "misc": Timer(sync)}
+    roidb = None if c.TEST.HAS_RPN else imdb.roidb
+
+    for i in range(num_images):
+        if roidb is None:
+            box_proposals = None
+        else:
+            entry = roidb[i]
+            # only proposals: ground-truth rows (class != 0) would make the test a cheat
+            box_proposals = entry["boxes"][entry["gt_classes"] == 0]
+        im = read_image(imdb.image_path_at(i))
+
+        timers["im_detect"].tic()
+        if box_proposals is not None and len(box_proposals) == 0:
+            scores = torch.zeros((0, num_classes))
+            boxes = torch.zeros((0, 4 * num_classes))
+        else:
+            scores, boxes = detect(net, im, box_proposals)
+        timers["im_detect"].toc()
+        if scores.shape[1] != num_classes:
+            raise ShapeError(f"the net scores {scores.shape[1]} classes but {imdb.name} has "
+                             f"{num_classes} ({', '.join(imdb.classes)})")
+
+        timers["misc"].tic()
+        per_class = detections_per_class(scores, boxes, thresh, float(c.TEST.NMS))
+        per_class = limit_per_image(per_class, max_per_image)
+        for j in range(1, num_classes):
+            all_boxes[j][i] = per_class[j]
+        timers["misc"].toc()
+
+        if vis:
+            _write_vis(im, per_class, imdb, i, output_dir)
+        emit("im_detect: {:d}/{:d} {:.3f}s {:.3f}s".format(
+            i + 1, num_images, timers["im_detect"].average_time, timers["misc"].average_time))
+
+    det_file = os.path.join(output_dir, "detections.npz")
+    save_detections(det_file, all_boxes, imdb.classes, list(imdb.image_index))
+    emit(f"Wrote detections to {det_file}")
+    emit("Evaluating detections")
+    result = imdb.evaluate_detections(all_boxes, output_dir)
+    out: Dict[str, Any] = dict(result) if isinstance(result, dict) else {"evaluation": result}
+    out.setdefault("ap", {})
+    if "mAP" not in out:
+        vals = [v for v in out["ap"].values() if v is not None and not np.isnan(v)]
+        out["mAP"] = float(np.mean(vals)) if vals else float("nan")
+    out.update(det_file=det_file, output_dir=output_dir, num_images=num_images, all_boxes=all_boxes,
+               im_detect_time=timers["im_detect"].average_time, misc_time=timers["misc"].average_time)
+    return out
+
+
+test_net.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported
+
+
+def _write_vis(im: np.ndarray, per_class: List[np.ndarray], imdb: Any, i: int, output_dir: str) -> None:
+    """py-faster-rcnn showed each class in a matplotlib window; here one image per test image."""
+    import cv2
+
+    from caffe_compat.frcnn.vis import draw_detections
+
+    dets = [(imdb.classes[j], j, d) for j, d in enumerate(per_class) if j > 0 and len(d)]
+    drawn = draw_detections(im, dets, thresh=0.3, num_classes=imdb.num_classes)
+    vis_dir = os.path.join(output_dir, "vis")
+    os.makedirs(vis_dir, exist_ok=True)
+    stem = str(imdb.image_index[i]).replace(os.sep, "_")
+    cv2.imwrite(os.path.join(vis_dir, stem + ".jpg"), drawn)
