@@ -316,10 +316,13 @@ class Net(nn.Module):
                 raise DataError(f"layer cannot run: {e.unbuilt_reason}", layer=e.name)
             bottoms = [blobs[b] if p else blobs[b].detach() for b, p in zip(e.bottoms, e.propagate_down)]
             if m.accepts_feed:
-                outs = list(m())
-                for i, t in enumerate(e.tops):
-                    if t in self._fed:
-                        outs[i] = self._fed[t]
+                if all(t in self._fed for t in e.tops):  # no need for the layer's defaults
+                    outs = [self._fed[t] for t in e.tops]
+                else:
+                    outs = list(m())
+                    for i, t in enumerate(e.tops):
+                        if t in self._fed:
+                            outs[i] = self._fed[t]
             else:
                 outs = m(*bottoms)
                 if isinstance(outs, Tensor):
