@@ -9,6 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from golden_util import run_golden_layers
 from caffe_compat.errors import GraphError, SchemaError, ShapeError
 from caffe_compat.layers.base import BuildContext
 from caffe_compat.layers.registry import resolve
@@ -26,69 +27,6 @@ def make(text: str, shapes, phase: str = "TEST", seed: int = 0):
         p.top.append("y")
     ctx = BuildContext(phase=phase, generator=torch.Generator().manual_seed(seed))
     return resolve(p)(p, [tuple(s) for s in shapes], ctx)
-
-
-def rel_close(actual, expected, rtol, what=""):
-    actual = actual.detach().cpu().numpy() if torch.is_tensor(actual) else np.asarray(actual)
-    expected = np.asarray(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if expected.size == 0:
-        return
-    scale = max(float(np.abs(expected).max()), 1e-6)
-    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
-    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol} * {scale:.3g}"
-
-
-def run_golden_layers(path, dtype=torch.float32, rtol=1e-5, grad_rtol=1e-4):
-    """Build the recorded net's layers directly (no Net), load params, compare all blobs
-    after forward and the input/param diffs after backward with the recorded top diffs."""
-    g = np.load(str(path), allow_pickle=False)
-    netp = text_format.Parse(str(g["prototxt"]), caffe_pb2.NetParameter())
-    phase = "TRAIN" if int(g["phase"]) == 0 else "TEST"
-    blobs, inputs, layers = {}, {}, {}
-    for k in g.keys():
-        if k.startswith("input/"):
-            t = torch.from_numpy(g[k]).to(dtype).requires_grad_(True)
-            inputs[k[6:]] = blobs[k[6:]] = t
-    for lp in netp.layer:
-        if lp.type == "Input":
-            continue
-        shapes = [tuple(blobs[b].shape) for b in lp.bottom]
-        layer = resolve(lp)(lp, shapes, BuildContext(phase=phase))
-        layer.to(dtype)
-        with torch.no_grad():
-            for i, b in enumerate(layer.caffe_blobs()):
-                b.copy_(torch.from_numpy(g["param/%s/%d" % (lp.name, i)]).reshape(b.shape))
-        inferred = layer.infer_top_shapes(shapes, [dtype] * len(shapes))
-        outs = layer(*[blobs[b] for b in lp.bottom])
-        assert [tuple(o.shape) for o in outs] == inferred, lp.name
-        for o in outs:
-            assert o.dtype == dtype
-        blobs.update(zip(lp.top, outs))
-        layers[lp.name] = layer
-    for k in g.keys():
-        if k.startswith("blob/"):
-            rel_close(blobs[k[5:]], g[k], rtol, k)
-    tops, diffs = [], []
-    for k in g.keys():
-        if k.startswith("top_diff/") and blobs[k[9:]].requires_grad:
-            tops.append(blobs[k[9:]])
-            diffs.append(torch.from_numpy(g[k]).to(dtype))
-    wrt, keys = [], []
-    for k in g.keys():
-        if k.startswith("diff/"):
-            wrt.append(inputs[k[5:]])
-            keys.append(k)
-        elif k.startswith("param_diff/"):
-            _, lname, i = k.split("/")
-            wrt.append(layers[lname].caffe_blobs()[int(i)])
-            keys.append(k)
-    if not keys:
-        return
-    grads = torch.autograd.grad(tops, wrt, diffs, allow_unused=True) if tops else [None] * len(wrt)
-    for k, t, gr in zip(keys, wrt, grads):
-        actual = torch.zeros_like(t) if gr is None else gr
-        rel_close(actual.reshape(g[k].shape), g[k], grad_rtol, k)
 
 
 # ---------------------------------------------------------------------------- golden
