@@ -26,14 +26,64 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from caffe_compat.errors import ParseError, WeightsError
+from caffe_compat import limits
+from caffe_compat.errors import CaffeCompatError, LimitError, ParseError, WeightsError
 from caffe_compat.protos import caffe_pb2
 
 # wire types
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_WIRE_NAMES = {0: "varint", 1: "fixed64", 2: "length-delimited", 3: "start-group",
+               4: "end-group", 5: "fixed32"}
 
-#: refuse blobs larger than this many elements unless the caller raises the limit
-MAX_BLOB_ELEMENTS = int(os.environ.get("CAFFE_COMPAT_MAX_BLOB_ELEMENTS", str(2 ** 31)))
+#: Refuse blobs larger than this many elements.  ``None`` (the default) means
+#: ``caffe_compat.limits.max_blob_elements()`` (2^31, or $CAFFE_COMPAT_MAX_BLOB_ELEMENTS);
+#: assigning an int here overrides it for this module (kept for compatibility).
+MAX_BLOB_ELEMENTS: Optional[int] = None
+
+#: environment variable that turns off the NaN/Inf check when loading weights
+ENV_ALLOW_NONFINITE = "CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS"
+
+
+def _max_blob_elements() -> int:
+    return MAX_BLOB_ELEMENTS if MAX_BLOB_ELEMENTS is not None else limits.max_blob_elements()
+
+
+def _want_finite_check(check_finite: Optional[bool]) -> bool:
+    if check_finite is not None:
+        return bool(check_finite)
+    return os.environ.get(ENV_ALLOW_NONFINITE, "").strip() in ("", "0")
+
+
+def check_finite_array(arr, *, where: str = "", layer: Optional[str] = None,
+                       blob: Optional[int] = None, name: str = "") -> None:
+    """Refuse NaN/Inf values (a diverged or corrupt model), naming where they are.
+
+    Checked in chunks, so a huge blob does not need a second full-size temporary.
+    """
+    a = np.asarray(arr).reshape(-1)
+    if a.dtype.kind != "f":
+        return
+    step = 1 << 24
+    f32max = float(np.finfo(np.float32).max)
+    for s in range(0, a.size, step):
+        chunk = a[s:s + step]
+        finite = np.isfinite(chunk).all()
+        if finite and (a.dtype.itemsize <= 4 or np.abs(chunk).max(initial=0.0) <= f32max):
+            continue
+        what = f"'{name}' " if name else ""
+        hint = (f"a diverged or corrupt model? (check_finite=False or {ENV_ALLOW_NONFINITE}=1 "
+                "loads it anyway)")
+        if finite:  # double_data that float32 (the net's precision) cannot hold
+            big = np.flatnonzero(np.abs(a) > f32max)
+            raise WeightsError(f"{what}holds {big.size} double value(s) beyond float32's range "
+                               f"(first {a[big[0]]:g} at flat index {big[0]}), which would load as "
+                               f"Inf; {hint}", where=where or None, layer=layer, blob=blob)
+        n_nan = int(np.isnan(a).sum())
+        n_inf = int(np.isinf(a).sum())
+        first = s + int(np.flatnonzero(~np.isfinite(chunk))[0])
+        raise WeightsError(
+            f"{what}holds {n_nan} NaN and {n_inf} Inf value(s) (first at flat index {first}); {hint}",
+            where=where or None, layer=layer, blob=blob)
 
 
 @dataclass
@@ -65,6 +115,13 @@ def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
+
+
+def _expect_wire(num: int, wt: int, allowed: Tuple[int, ...], what: str) -> None:
+    """A field we interpret must have the wire type the schema gives it."""
+    if wt not in allowed:
+        raise ValueError(f"field {num} ({what}) has wire type {_WIRE_NAMES.get(wt, wt)}, "
+                         f"expected {' or '.join(_WIRE_NAMES[a] for a in allowed)}")
 
 
 def _fields(buf, start: int, end: int):
@@ -115,23 +172,29 @@ def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
     data_parts: list = []
     double_parts: list = []
     for num, wt, a, b in _fields(buf, start, end):
-        if num == 7 and wt == _LEN:  # shape: BlobShape { repeated int64 dim = 1 [packed] }
+        if num == 7:  # shape: BlobShape { repeated int64 dim = 1 [packed] }
+            _expect_wire(num, wt, (_LEN,), "BlobProto.shape")
             for n2, w2, a2, b2 in _fields(buf, a, b):
                 if n2 != 1:
                     continue
+                _expect_wire(n2, w2, (_LEN, _VARINT), "BlobShape.dim")
                 if w2 == _LEN:
                     p = a2
                     while p < b2:
                         v, p = _varint(buf, p, b2)
                         dims.append(v - (1 << 64) if v >> 63 else v)
-                elif w2 == _VARINT:
+                else:
                     dims.append(a2 - (1 << 64) if a2 >> 63 else a2)
-        elif num == 5 and wt in (_LEN, _I32):
+        elif num == 5:
+            _expect_wire(num, wt, (_LEN, _I32), "BlobProto.data")
             _packed_or_single(buf, wt, a, b, "<f4", 4, data_parts)
-        elif num == 8 and wt in (_LEN, _I64):
+        elif num == 8:
+            _expect_wire(num, wt, (_LEN, _I64), "BlobProto.double_data")
             _packed_or_single(buf, wt, a, b, "<f8", 8, double_parts)
-        elif num in (1, 2, 3, 4) and wt == _VARINT:
-            legacy[num] = a - (1 << 64) if a >> 63 else a
+        elif num in (1, 2, 3, 4):
+            _expect_wire(num, wt, (_VARINT,), "BlobProto.num/channels/height/width")
+            v = a & 0xFFFFFFFF  # int32 fields: protobuf keeps the low 32 bits
+            legacy[num] = v - (1 << 32) if v >> 31 else v
         # diff (6) and double_diff (9) are ignored: weights only
     if dims:
         shape, is_legacy = tuple(dims), False
@@ -150,14 +213,15 @@ def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
     if shape is None:
         shape = (data.size,)
     if any(d < 0 for d in shape):
-        raise WeightsError(f"blob has a negative dimension {shape}", where=where)
-    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
-    if count > MAX_BLOB_ELEMENTS:
-        raise WeightsError(f"blob shape {shape} has {count} elements, over the limit "
-                           f"{MAX_BLOB_ELEMENTS} (raise CAFFE_COMPAT_MAX_BLOB_ELEMENTS)", where=where)
+        raise WeightsError(f"blob has a negative dimension in shape {shape}", where=where)
+    count = limits.element_count(shape)
+    limit = _max_blob_elements()
+    if count > limit:
+        raise LimitError(f"blob shape {shape} has {count} elements, over the limit of {limit} "
+                         f"({limits.how_to_raise('max_blob_elements')})", where=where)
     if data.size != count:
-        raise WeightsError(f"blob declares shape {shape} ({count} values) but holds {data.size}",
-                           where=where)
+        raise WeightsError(f"blob declares shape {shape} but holds {data.size} values", where=where,
+                           expected=f"{count} values", got=data.size)
     return CaffeBlob(tuple(int(d) for d in shape), data.reshape(shape), is_legacy)
 
 
@@ -179,29 +243,57 @@ def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
     Blob arrays are read-only views on a memory map of the file (no copy); copy what you
     keep beyond the life of the returned objects.
     """
+    import stat
+
+    from caffe_compat.io import _text_hint
+
     path = os.fspath(path)
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ParseError("is a directory, expected a .caffemodel file", where=path)
         f = open(path, "rb")
-    except OSError as e:
-        raise ParseError(f"cannot read: {e.strerror}", where=path) from None
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ParseError(f"cannot read caffemodel: {reason}", where=str(path)) from None
     with f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise ParseError("empty file (not a caffemodel)", where=path)
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if stat.S_ISREG(st.st_mode):
+            size = os.fstat(f.fileno()).st_size
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        else:  # a pipe or device: no mmap
+            buf = f.read()
+            size = len(buf)
+    if size == 0:
+        raise ParseError("empty file, expected a binary .caffemodel", where=path)
     name = ""
     layers: List[CaffeLayerWeights] = []
     try:
         for num, wt, a, b in _fields(buf, 0, size):
-            if num == 1 and wt == _LEN:
+            if num == 1:
+                _expect_wire(num, wt, (_LEN,), "NetParameter.name")
                 name = bytes(buf[a:b]).decode("utf-8", "replace")
-            elif num in (100, 2) and wt == _LEN:
-                layers.append(_parse_layer(buf, a, b, v1=(num == 2), where=path))
-    except ValueError as e:
-        raise ParseError(f"corrupt or truncated caffemodel: {e}", where=path) from None
-    except WeightsError as e:
-        raise WeightsError(e.message, where=path, layer=e.layer) from None
+            elif num in (100, 2):
+                _expect_wire(num, wt, (_LEN,), "NetParameter.layer" if num == 100 else "NetParameter.layers")
+                try:
+                    layers.append(_parse_layer(buf, a, b, v1=(num == 2), where=path))
+                except CaffeCompatError as e:
+                    raise e.located(where=path, layer=_layer_name_guess(buf, a, b, num == 2)) from None
+    except (ValueError, IndexError, OverflowError) as e:
+        raise ParseError(f"corrupt or truncated caffemodel: {e}{_text_hint(buf)}", where=path) from None
+    if not layers and _text_hint(buf):
+        raise ParseError(f"no layers found{_text_hint(buf)}", where=path)
     return name, layers
+
+
+def _layer_name_guess(buf, start: int, end: int, v1: bool) -> Optional[str]:
+    """The layer's name (field 1) for error messages, or None when unreadable."""
+    try:
+        for num, wt, a, b in _fields(buf, start, end):
+            if num == (4 if v1 else 1) and wt == _LEN:
+                return bytes(buf[a:b]).decode("utf-8", "replace") or None
+    except ValueError:
+        return None
+    return None
 
 
 def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLayerWeights:
@@ -210,10 +302,15 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
     blobs: List[CaffeBlob] = []
     v0: Optional[Tuple[int, int]] = None
     for num, wt, a, b in _fields(buf, start, end):
-        if num == blob_field and wt == _LEN:
-            blobs.append(_parse_blob(buf, a, b, where))
+        if num == blob_field:
+            _expect_wire(num, wt, (_LEN,), "blobs")
+            try:
+                blobs.append(_parse_blob(buf, a, b, where))
+            except CaffeCompatError as e:
+                raise e.located(blob=len(blobs)) from None
             continue
-        if v1 and num == 1 and wt == _LEN:  # V0LayerParameter nested as `layer`
+        if v1 and num == 1:  # V0LayerParameter nested as `layer`
+            _expect_wire(num, wt, (_LEN,), "V1LayerParameter.layer")
             v0 = (a, b)
             continue
         # re-encode this field for protobuf (small: names, params)
@@ -237,8 +334,12 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
             v0msg = caffe_pb2.V0LayerParameter()
             v0rest = bytearray()
             for num, wt, a, b in _fields(buf, v0[0], v0[1]):
-                if num == 50 and wt == _LEN:
-                    blobs.append(_parse_blob(buf, a, b, where))
+                if num == 50:
+                    _expect_wire(num, wt, (_LEN,), "V0LayerParameter.blobs")
+                    try:
+                        blobs.append(_parse_blob(buf, a, b, where))
+                    except CaffeCompatError as e:
+                        raise e.located(blob=len(blobs)) from None
                     continue
                 v0rest += _encode_varint((num << 3) | wt)
                 if wt == _VARINT:
@@ -248,7 +349,10 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
                     v0rest += buf[a:b]
                 else:
                     v0rest += buf[a:b]
-            v0msg.ParseFromString(bytes(v0rest))
+            try:
+                v0msg.ParseFromString(bytes(v0rest))
+            except Exception as e:  # protobuf's DecodeError and friends
+                raise ParseError(f"corrupt V0 layer definition: {e}", where=where) from None
             lname, ltype = v0msg.name or lname, v0msg.type.upper() or ltype
     else:
         lname, ltype = msg.name, msg.type
@@ -316,11 +420,21 @@ def write_caffemodel(path: str, name: str, layers: List[Tuple[object, List[np.nd
 
 
 # ---------------------------------------------------------------------- names
+#: state-dict names of layer types whose blobs are not (weight, bias): the attribute names
+#: their ``add_blob`` calls use, so a caffemodel read without a net gets a net's keys
+_KNOWN_BLOB_NAMES: Dict[str, Tuple[str, ...]] = {
+    "BatchNorm": ("running_mean", "running_var", "scale_factor"),
+    "Bias": ("bias",),
+    "Parameter": ("blob",),
+    "Python": tuple(f"blob{i}" for i in range(16)),
+}
+
+
 def blob_names_for(type_name: str, param, count: int) -> List[str]:
     """State-dict names for a layer's ``count`` blobs, without building the layer."""
     from caffe_compat.layers import registry
 
-    names: Tuple[str, ...] = ("weight", "bias")
+    names: Tuple[str, ...] = _KNOWN_BLOB_NAMES.get(type_name, ("weight", "bias"))
     try:
         cls = registry.resolve(param) if param is not None and hasattr(param, "python_param") \
             else registry.lookup(type_name)
@@ -339,12 +453,15 @@ _V1_TO_TYPE = {
 }
 
 
-def caffemodel_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def caffemodel_state_dict(path: str, *, check_finite: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """A caffemodel as a ``<layer>.<param>`` state dict, without a net definition.
 
     Legacy 4-D blobs keep their shape except where the layer type fixes it (InnerProduct
     weights are 2-D, biases and per-channel blobs 1-D); load through a net for exact shapes.
+    NaN/Inf values are refused unless ``check_finite=False`` (or the environment says so).
     """
+    path = os.fspath(path)
+    finite = _want_finite_check(check_finite)
     _, layers = read_caffemodel(path)
     sd: Dict[str, torch.Tensor] = {}
     for lw in layers:
@@ -353,14 +470,22 @@ def caffemodel_state_dict(path: str) -> Dict[str, torch.Tensor]:
         t = _V1_TO_TYPE.get(lw.type, lw.type)
         names = blob_names_for(t, lw.param if not isinstance(lw.param, caffe_pb2.V1LayerParameter) else None,
                                len(lw.blobs))
-        for nm, blob in zip(names, lw.blobs):
+        for i, (nm, blob) in enumerate(zip(names, lw.blobs)):
             arr = blob.data
+            if finite:
+                check_finite_array(arr, where=path, layer=lw.name, blob=i)
             if blob.legacy:
-                if t == "InnerProduct" and nm == "weight":
+                if t == "InnerProduct" and nm == "weight" and blob.shape[0] * blob.shape[1] == 1:
                     arr = arr.reshape(blob.shape[-2], blob.shape[-1])
                 elif nm != "weight" or t in ("PReLU",):
                     arr = arr.reshape(-1)
-            sd[f"{lw.name}.{nm}"] = torch.from_numpy(np.array(arr, dtype=np.float32))
+            key = f"{lw.name}.{nm}"
+            if key in sd:
+                raise WeightsError(f"two layers named '{lw.name}' hold weights; a state dict needs "
+                                   "unique names (convert with --model to pick the net's layers)",
+                                   where=path, layer=lw.name)
+            with np.errstate(over="ignore"):  # only reached with check_finite off
+                sd[key] = torch.from_numpy(np.array(arr, dtype=np.float32))
     return sd
 
 
@@ -376,13 +501,18 @@ def _shape_matches(target: Tuple[int, ...], blob: CaffeBlob) -> bool:
     return tuple(target) == blob.shape
 
 
-def load_caffemodel_into(net, path: str, *, allow_missing: bool = False) -> List[str]:
+def load_caffemodel_into(net, path: str, *, allow_missing: bool = False,
+                         check_finite: Optional[bool] = None) -> List[str]:
     """Copy a caffemodel's blobs into ``net`` by layer name (Caffe's CopyTrainedLayersFrom).
 
     Source layers the net lacks are ignored (reported); net layers with blobs that the
     file lacks are an error unless ``allow_missing`` (the py-faster-rcnn issue-256 trap:
-    renamed layers must not be skipped silently).  Every blob's shape must match.
+    renamed layers must not be skipped silently).  Every blob's shape must match, and
+    every value must be finite unless ``check_finite=False`` (or
+    ``$CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS=1``).
     """
+    path = os.fspath(path)
+    finite = _want_finite_check(check_finite)
     _, layers = read_caffemodel(path)
     notes: List[str] = []
     loaded = set()
@@ -399,8 +529,11 @@ def load_caffemodel_into(net, path: str, *, allow_missing: bool = False) -> List
                                f"the net's {entry.type} layer has {len(targets)}", where=path, layer=lw.name)
         for i, (t, blob) in enumerate(zip(targets, lw.blobs)):
             if not _shape_matches(tuple(t.shape), blob):
-                raise WeightsError(f"blob {i} shape mismatch: the net expects {tuple(t.shape)}, "
-                                   f"the file has {blob.shape}", where=path, layer=lw.name)
+                attr = entry.module.blob_names[i] if i < len(entry.module.blob_names) else f"blob{i}"
+                raise WeightsError(f"shape mismatch for '{attr}': the net expects {tuple(t.shape)}, "
+                                   f"the file has {blob.shape}", where=path, layer=lw.name, blob=i)
+            if finite:
+                check_finite_array(blob.data, where=path, layer=lw.name, blob=i)
             with torch.no_grad():
                 with warnings.catch_warnings():  # a read-only view of the map; copy_ copies
                     warnings.simplefilter("ignore", UserWarning)
@@ -435,9 +568,18 @@ def net_state_dict(net, *, dedupe_shared: bool = False) -> Dict[str, torch.Tenso
     return out
 
 
+def _key_location(net, key: str) -> Tuple[str, Optional[int]]:
+    """(layer, blob index) of state-dict key ``<layer>.<attr>``, for error messages."""
+    layer, _, attr = key.rpartition(".")
+    mod = net._modules.get(layer)
+    names = getattr(mod, "blob_names", None) or []
+    return layer, (names.index(attr) if attr in names else None)
+
+
 def load_state_into(net, sd: Dict[str, torch.Tensor], *, allow_missing: bool = False,
-                    where: str = "") -> List[str]:
+                    where: str = "", check_finite: Optional[bool] = None) -> List[str]:
     """Load a state dict (from .pt/.safetensors) strictly, naming any mismatch clearly."""
+    finite = _want_finite_check(check_finite)
     own = net.state_dict()
     notes = []
     # shared params saved once: fill the sharers' keys from their owners
@@ -457,43 +599,114 @@ def load_state_into(net, sd: Dict[str, torch.Tensor], *, allow_missing: bool = F
         if not allow_missing:
             raise WeightsError(msg + " (use allow_missing / --allow-missing)", where=where)
         notes.append(msg)
-    for k, v in sd.items():
+    for k in [k for k in own if k in sd]:  # the net's (Caffe's) order, not the file's
+        v = sd[k]
+        layer, idx = _key_location(net, k)
         if tuple(v.shape) != tuple(own[k].shape):
-            layer = k.rsplit(".", 1)[0]
-            raise WeightsError(f"'{k}' shape mismatch: the net expects {tuple(own[k].shape)}, "
-                               f"the file has {tuple(v.shape)}", where=where, layer=layer)
+            raise WeightsError(f"shape mismatch for '{k}': the net expects {tuple(own[k].shape)}, "
+                               f"the file has {tuple(v.shape)}", where=where or None, layer=layer, blob=idx)
+        if not (v.is_floating_point() or v.dtype == own[k].dtype):
+            raise WeightsError(f"'{k}' has dtype {v.dtype}, expected a floating-point tensor",
+                               where=where or None, layer=layer, blob=idx)
+        if finite and v.is_floating_point():
+            check_finite_array(v.detach().cpu().float().numpy() if v.dtype == torch.bfloat16
+                               else v.detach().cpu().numpy(), where=where, layer=layer, blob=idx, name=k)
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v)
     return notes
 
 
+def _file_kind_hint(path: str) -> str:
+    """'; it looks like ...' for a weights file that is something else."""
+    from caffe_compat.io import _text_hint
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return ""
+    hint = _text_hint(head)
+    if hint:
+        return ("; it looks like a text prototxt (py-faster-rcnn names net definitions .pt), "
+                "not a weights file")
+    if head[:1] in (b"\x0a", b"\xa2"):
+        return "; it looks like a binary caffemodel: name it .caffemodel"
+    return ""
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """The reason in torch.load's error, without its advice to turn weights_only off."""
+    import re
+
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s*Please use|\s*Check the documentation|$)", text, re.S)
+    reason = " ".join((m.group(1) if m else text).split()).rstrip(".")
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
 def read_state_file(path: str) -> Dict[str, torch.Tensor]:
-    """A .pt (weights_only) or .safetensors file as a state dict."""
+    """A .pt or .safetensors file as a state dict, never running code from it.
+
+    ``.pt`` files load with ``torch.load(weights_only=True)``: a pickle that would import or
+    call anything beyond tensors and containers is refused, not executed.
+    """
+    import stat
+
     path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ParseError(f"cannot read weights: {reason}", where=str(path)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ParseError("is a directory, expected a weights file", where=path)
+    if st.st_size == 0:
+        raise ParseError("empty file, expected a weights file", where=path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(path))
         except Exception as e:
-            raise ParseError(f"not a readable safetensors file: {e}", where=path) from None
+            raise ParseError(f"not a readable safetensors file: {e}{_file_kind_hint(path)}",
+                             where=path) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ParseError(f"not a readable weights-only .pt file: {e}", where=path) from None
+        msg = _torch_load_reason(e)
+        raise ParseError(f"not a readable weights-only .pt file (refusing to unpickle anything "
+                         f"but tensors): {msg}{_file_kind_hint(path)}", where=path) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError("a .pt weights file must hold a dict of tensors (a state dict)", where=path)
+        held = type(obj).__name__
+        if isinstance(obj, dict):
+            held = f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            if "state_dict" in obj:
+                held += " (a training checkpoint? save its 'state_dict')"
+        raise WeightsError(f"a .pt weights file must hold a dict of tensors (a state dict), "
+                           f"this one holds {held}", where=path)
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise WeightsError(f"state dict keys must be strings, got {bad[:3]}", where=path)
     return dict(obj)
 
 
-def load_into(net, path: str, *, allow_missing: bool = False) -> List[str]:
+def load_into(net, path: str, *, allow_missing: bool = False,
+              check_finite: Optional[bool] = None) -> List[str]:
+    """Load .caffemodel/.pt/.safetensors weights into ``net`` (format by extension).
+
+    ``check_finite`` (default: on, unless ``$CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS=1``)
+    refuses NaN/Inf values, naming the layer and blob.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsError("weights file not found", where=path)
     if path.endswith((".pt", ".pth", ".safetensors")):
-        return load_state_into(net, read_state_file(path), allow_missing=allow_missing, where=path)
-    return load_caffemodel_into(net, path, allow_missing=allow_missing)
+        return load_state_into(net, read_state_file(path), allow_missing=allow_missing, where=path,
+                               check_finite=check_finite)
+    return load_caffemodel_into(net, path, allow_missing=allow_missing, check_finite=check_finite)
 
 
 def net_layers_for_caffemodel(net) -> List[Tuple[object, List[np.ndarray]]]:
@@ -540,18 +753,19 @@ def fold_batchnorm(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
     The result holds plain statistics, what ``torch.nn.BatchNorm*d`` expects in
     ``running_mean``/``running_var`` (Caffe's BatchNorm has no affine part: a following
-    Scale layer's ``weight``/``bias`` are the BN's affine parameters).
+    Scale layer's ``weight``/``bias`` are the BN's affine parameters).  The inverse is
+    taken in the blob's own dtype, as Caffe's ``1 / blobs_[2][0]`` in ``Dtype``, so the
+    folded statistics are bit-identical to what the layer computes at run time.
     """
     out = dict(sd)
     for k, v in sd.items():
         if k.endswith(".scale_factor"):
             base = k[: -len(".scale_factor")]
-            s = float(v.reshape(-1)[0]) if v.numel() else 1.0
-            f = 0.0 if s == 0 else 1.0 / s
+            s = v.reshape(-1)[:1] if v.numel() else torch.ones(1, dtype=v.dtype)
+            inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
             for nm in ("running_mean", "running_var"):
                 if f"{base}.{nm}" in out:
-                    out[f"{base}.{nm}"] = sd[f"{base}.{nm}"] * f
+                    stat = sd[f"{base}.{nm}"]
+                    out[f"{base}.{nm}"] = stat * inv.to(stat.dtype)
             out[k] = torch.ones_like(v)
     return out
-
-

@@ -18,21 +18,53 @@ class Context:
     debug = False
 
 
+def error_line(e: BaseException) -> str:
+    """One line for an error: the CaffeCompatError's message, or what a bug looks like."""
+    if isinstance(e, CaffeCompatError):
+        return "error: " + e.one_line()
+    if isinstance(e, MemoryError):
+        return "error: out of memory (input too large? see caffe_compat.limits)"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return f"error: {where}{e.strerror or e}"
+    text = " ".join(str(e).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return (f"internal error: {type(e).__name__}: {text} "
+            "(a bug in caffe-compat; rerun with --debug for the traceback and report it)")
+
+
+def exit_code_for(e: BaseException) -> int:
+    """2 for bad input (CaffeCompatError default), 1 for run-time failures and bugs."""
+    return e.exit_code if isinstance(e, CaffeCompatError) else 1
+
+
 def friendly(fn):
-    """Wrap a command: CaffeCompatError -> one line and an exit code, unless --debug."""
+    """Wrap a command: errors -> ONE line on stderr and an exit code, unless --debug.
+
+    ``CaffeCompatError`` exits with its ``exit_code`` (2 bad input, 1 failed run); an
+    ``OSError`` at run time (disk full, permissions) and any other exception (a bug)
+    exit 1.  Click's own usage errors and ``sys.exit`` pass through untouched.
+    With ``--debug`` (or ``CAFFE_COMPAT_DEBUG=1``) the exception propagates with its traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CaffeCompatError as e:
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                SystemExit):
+            raise
+        except KeyboardInterrupt:
             if Context.debug:
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as e:
+            if Context.debug:
+                raise
+            click.echo(error_line(e), err=True)
+            sys.exit(exit_code_for(e))
 
     return wrapper
 
