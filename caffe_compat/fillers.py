@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from caffe_compat.errors import SchemaError
+from caffe_compat.limits import check_shape
 
 FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
 
@@ -40,16 +41,24 @@ def fill(shape: Sequence[int], filler=None, *, generator: Optional[torch.Generat
     ``filler`` is a ``caffe_pb2.FillerParameter`` (or None for Caffe's default, constant 0).
     """
     shape = tuple(int(s) for s in shape)
+    check_shape(shape, what="blob", layer=layer)  # before allocating anything
     t = torch.empty(shape, dtype=dtype)
     if filler is None:
         return t.zero_()
     kind = filler.type
     g = generator
+    if t.numel() == 0 and kind in FILLER_TYPES:
+        return t  # nothing to fill (and no fan to divide by)
     if kind == "constant":
         t.fill_(filler.value)
     elif kind == "uniform":
+        if filler.min > filler.max:
+            raise SchemaError(f"uniform filler needs min <= max, got min {filler.min:g} > max "
+                              f"{filler.max:g}", layer=layer)
         t.uniform_(filler.min, filler.max, generator=g)
     elif kind == "gaussian":
+        if not filler.std >= 0:
+            raise SchemaError(f"gaussian filler needs std >= 0, got {filler.std:g}", layer=layer)
         t.normal_(filler.mean, filler.std, generator=g)
         if filler.sparse >= 0 and t.numel():
             # Each weight is kept with probability sparse / num_outputs (Caffe: shape(0)).
@@ -57,6 +66,9 @@ def fill(shape: Sequence[int], filler=None, *, generator: Optional[torch.Generat
             mask = torch.empty(shape, dtype=dtype).bernoulli_(p, generator=g)
             t.mul_(mask)
     elif kind == "positive_unitball":
+        if not shape:
+            raise SchemaError("positive_unitball filler needs a blob with at least one axis "
+                              "(it normalizes each row of shape[0])", layer=layer)
         t.uniform_(0, 1, generator=g)
         if t.numel():
             flat = t.reshape(shape[0], -1)

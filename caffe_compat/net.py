@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from caffe_compat.errors import DataError, GraphError, SchemaError, ShapeError
+from caffe_compat.errors import CaffeCompatError, DataError, GraphError, SchemaError, ShapeError
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
+from caffe_compat.limits import check_shape
 from caffe_compat.net_state import filter_net, make_state
 from caffe_compat.protos import caffe_pb2
 
@@ -101,7 +102,14 @@ class Net(nn.Module):
         self._fed: Dict[str, Tensor] = {}
         self.blobs: "OrderedDict[str, Tensor]" = OrderedDict()
         self.loss: Optional[Tensor] = None
-        self._build()
+        try:
+            self._build()
+        except CaffeCompatError as e:  # name the prototxt line of the failing layer
+            if e.where is None and e.layer and self.source:
+                from caffe_compat.io import locate_layer
+
+                raise e.located(where=locate_layer(self.source, e.layer)) from None
+            raise
         self.train(self.phase == TRAIN)
         if device is not None:
             self.to(device)
@@ -157,6 +165,9 @@ class Net(nn.Module):
             if len(top_shapes) != len(lp.top):
                 raise GraphError(f"{lp.type} produced {len(top_shapes)} tops but the definition names "
                                  f"{len(lp.top)}", layer=name)
+            for t, ts in zip(lp.top, top_shapes):
+                if ts is not None:  # a definition may declare absurd shapes: refuse, don't allocate
+                    check_shape(ts, what=f"top '{t}'", layer=name)
             for i, t in enumerate(lp.top):
                 in_place = i < len(lp.bottom) and lp.bottom[i] == t
                 if t in shapes and not in_place:
@@ -373,11 +384,17 @@ class Net(nn.Module):
         return cur
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, path: str, *, allow_missing: bool = False) -> List[str]:
-        """Load a .caffemodel, .pt or .safetensors file; returns warnings (e.g. ignored layers)."""
+    def load_weights(self, path: str, *, allow_missing: bool = False,
+                     check_finite: Optional[bool] = None) -> List[str]:
+        """Load a .caffemodel, .pt or .safetensors file; returns notes (e.g. ignored layers).
+
+        NaN/Inf weights are refused unless ``check_finite=False`` (or the environment
+        variable CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS=1).
+        """
         from caffe_compat import weights as W
 
-        return W.load_into(self, path, allow_missing=allow_missing)
+        kw = {} if check_finite is None else {"check_finite": check_finite}
+        return W.load_into(self, path, allow_missing=allow_missing, **kw)
 
     def save_weights(self, path: str, **kw) -> None:
         """Write the weights as .caffemodel, .pt or .safetensors (by extension)."""

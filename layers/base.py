@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from caffe_compat.errors import GraphError, SchemaError, ShapeError
 from caffe_compat.fillers import fill
+from caffe_compat.limits import check_shape
 
 Shape = Tuple[int, ...]
 
@@ -100,6 +101,7 @@ class Layer(nn.Module):
         """Create Caffe blob number ``len(blob_names)`` as parameter (or buffer) ``attr``."""
         if any(int(s) < 0 for s in shape):
             raise self.error(ShapeError, f"blob '{attr}' would have negative shape {tuple(shape)}")
+        check_shape(shape, what=f"blob '{attr}'", layer=self.name)  # before allocating it
         if value is None:
             value = fill(shape, filler, generator=self.ctx.generator, layer=self.name)
         if buffer:
@@ -118,6 +120,8 @@ class Layer(nn.Module):
                          bottom_dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Shape]:
         """Top shapes for these bottom shapes (Caffe's Reshape); default: run on meta."""
         dtypes = bottom_dtypes or [torch.float32] * len(bottom_shapes)
+        for i, s in enumerate(bottom_shapes):  # Python ints: no int64 overflow on the way
+            check_shape(s, what=f"bottom {i}", layer=self.name)
         metas = tuple(torch.empty(tuple(s), device="meta", dtype=d)
                       for s, d in zip(bottom_shapes, dtypes))
         state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}

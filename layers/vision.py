@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from caffe_compat.limits import check_shape
 from caffe_compat.errors import GraphError, SchemaError, ShapeError
 from caffe_compat.layers.base import TRAIN, Layer, canonical_axis, spatial_params
 from caffe_compat.layers.neuron import random_uniform
@@ -298,6 +299,9 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
     # explicit geometry: pad left by p, right up to the end of the last window (or crop)
     rh = (OH - 1) * sh + kh - H - ph
     rw = (OW - 1) * sw + kw - W - pw
+    if not fast:  # a stride far above the map would pad the input to an absurd size
+        check_shape((N, C, H + ph + max(rh, 0), W + pw + max(rw, 0)), what="padded pooling input",
+                    layer=layer)
 
     if method == MAX:
         if fast:

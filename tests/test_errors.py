@@ -662,9 +662,6 @@ ABSURD_DEFINITIONS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="lead: shapes declared in prototxts (Input/DummyData dims, "
-                                       "num_output) are not checked against caffe_compat.limits before "
-                                       "allocation; they raise RuntimeError/MemoryError, not LimitError")
 @pytest.mark.parametrize("what,text", ABSURD_DEFINITIONS, ids=[a for a, _ in ABSURD_DEFINITIONS])
 def test_absurd_shapes_in_definitions_refused_before_allocation(what, text, monkeypatch):
     _guard_allocations(monkeypatch)

@@ -395,58 +395,6 @@ _IN = 'input: "data" input_shape { dim: 2 dim: 3 }\n'
 #: xfail(strict=True) test below; the fuzzer tolerates failures with these signatures, so
 #: it keeps looking for new ones.  Fixed?  Delete the entry (its test then XPASSes).
 KNOWN_BUGS: List[tuple] = [
-    ("filler-negative-std",
-     _IN + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param '
-           '{ num_output: 2 weight_filler { type: "gaussian" std: -1 } } }',
-     "RuntimeError@fillers.py:fill",
-     "fillers.fill: gaussian std < 0 raises torch's RuntimeError (Caffe CHECKs sigma > 0): want SchemaError"),
-    ("dummydata-negative-std",
-     'layer { name: "d" type: "DummyData" top: "x" dummy_data_param { shape { dim: 2 dim: 3 } '
-     'data_filler { type: "gaussian" std: -1 } } }',
-     "RuntimeError@fillers.py:fill", "same filler bug through DummyData's data_filler"),
-    ("filler-xavier-zero-fan-in",
-     'input: "data" input_shape { dim: 2 dim: 0 }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" '
-     'top: "ip" inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }',
-     "ZeroDivisionError@fillers.py:fill",
-     "fillers.fill: xavier/msra with fan_in 0 (a zero-size blob) divides by zero: fill nothing or SchemaError"),
-    ("filler-msra-zero-fan-in",
-     'input: "data" input_shape { dim: 2 dim: 0 }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" '
-     'top: "ip" inner_product_param { num_output: 2 weight_filler { type: "msra" } } }',
-     "ZeroDivisionError@fillers.py:fill", "same, msra"),
-    ("filler-uniform-min-above-max",
-     _IN + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param '
-           '{ num_output: 2 weight_filler { type: "uniform" min: 1 max: 0 } } }',
-     "RuntimeError@fillers.py:fill",
-     "fillers.fill: uniform with min > max raises torch's RuntimeError (Caffe CHECK_LE(a, b)): want SchemaError"),
-    ("filler-positive-unitball-0d",
-     _IN + 'layer { name: "s" type: "Scale" bottom: "data" top: "s" scale_param { num_axes: 0 '
-           'filler { type: "positive_unitball" } } }',
-     "IndexError@fillers.py:fill",
-     "fillers.fill: positive_unitball on a 0-D blob (Scale num_axes: 0) indexes shape[0]: IndexError "
-     "(Caffe CHECK-fails on shape(0)): want SchemaError"),
-    ("pooling-huge-stride-max",
-     'input: "data" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 }\nlayer { name: "p" type: "Pooling" '
-     'bottom: "data" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 100000 } }',
-     "RuntimeError@vision.py:caffe_pool2d",
-     "layers/vision.py caffe_pool2d pads the input by ~stride on the explicit-geometry path: a stride of "
-     "1e5 on a 4x4 input allocates 40 GB at forward; pad only to the last window (or slice)"),
-    ("pooling-huge-stride-ave",
-     'input: "data" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 }\nlayer { name: "p" type: "Pooling" '
-     'bottom: "data" top: "p" pooling_param { pool: AVE kernel_size: 2 stride: 65536 } }',
-     "RuntimeError@vision.py:caffe_pool2d",
-     "same for AVE (17 GB for a 4x4 input; without a memory cap this swaps for minutes)"),
-    ("convolution-kernel-before-geometry",
-     'input: "data" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 }\nlayer { name: "c" type: "Convolution" '
-     'bottom: "data" top: "c" convolution_param { num_output: 1 kernel_size: 100000 } }',
-     "TooBig@",
-     "Convolution allocates its (1, 1, 1e5, 1e5) weight before checking that the kernel fits the input "
-     "(the ShapeError comes after 40 GB); check geometry first, and shapes against caffe_compat.limits"),
-    ("input-shape-overflow",
-     'input: "data" input_shape { dim: 200000 dim: 300000 dim: 400000 dim: 400000 }\n'
-     'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }',
-     "RuntimeError@base.py:",
-     "Input dims whose product overflows int64 raise torch's RuntimeError from Layer.infer_top_shapes "
-     "(meta tensor creation is outside its try): want LimitError via caffe_compat.limits.check_shape"),
 ]
 #: any filler asked for more than ALLOC_LIMIT elements: shapes declared in definitions are
 #: not checked against caffe_compat.limits (see test_errors.py's xfail tests)
