@@ -202,9 +202,8 @@ def read_net_text(source: PathOrText, *, upgrade: bool = True) -> "caffe_pb2.Net
 def read_solver_text(source: PathOrText, *, upgrade: bool = True) -> "caffe_pb2.SolverParameter":
     """A SolverParameter from a path (or text), with the solver-type enum upgraded."""
     text, name = _text_and_name(source, "solver prototxt")
-    # TODO(lead): strict=True once tests/test_solver.py's _solver_text stops giving
-    # snapshot_prefix twice (Caffe refuses a repeated singular field in solvers too)
-    solver = parse_text(text, caffe_pb2.SolverParameter(), name, strict=False)
+    # Caffe refuses a repeated singular field in solvers too
+    solver = parse_text(text, caffe_pb2.SolverParameter(), name, strict=True)
     if upgrade:
         from caffe_compat.upgrade import upgrade_solver
 

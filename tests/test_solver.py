@@ -197,7 +197,8 @@ def _batch(k: int, n: int = 8):
 def _solver_text(tmp_path, body: str, net: str = MLP_DROP) -> str:
     net_path = tmp_path / "net.prototxt"
     net_path.write_text(net)
-    return f'net: "{net_path}"\nsnapshot_prefix: "{tmp_path}/snap"\nrandom_seed: 7\n{body}\n'
+    prefix = "" if "snapshot_prefix" in body else f'snapshot_prefix: "{tmp_path}/snap"\n'
+    return f'net: "{net_path}"\n{prefix}random_seed: 7\n{body}\n'
 
 
 @pytest.mark.parametrize("body", [
