@@ -21,7 +21,7 @@ import mmap
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -235,6 +235,57 @@ def _v1_type_name(value: int) -> str:
 
         _V1_TYPE_NAMES = {v.number: v.name for v in V1LayerParameter.LayerType.DESCRIPTOR.values}
     return _V1_TYPE_NAMES.get(value, str(value))
+
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _copy_blob(target: torch.Tensor, data: np.ndarray, chunk: int = 1 << 22,
+               check: Optional[Callable[[np.ndarray], None]] = None) -> None:
+    """Copy a (memory-mapped) blob into ``target`` in chunks, dropping copied file pages.
+
+    Chunking keeps a load's peak memory near the net's own size even for VGG16's 400 MB
+    fc6 blob: at most one chunk of the file is resident beside the copies.
+    """
+    src = np.asarray(data).reshape(-1)
+    with torch.no_grad(), warnings.catch_warnings():  # read-only views of the map; copy_ copies
+        warnings.simplefilter("ignore", UserWarning)
+        dst = target.view(-1) if target.is_contiguous() else None
+        if dst is None:
+            if check is not None:
+                check(src)
+            target.copy_(torch.from_numpy(src).reshape(target.shape))
+            release_pages(src)
+            return
+        for s in range(0, src.size, chunk):
+            part = src[s:s + chunk]
+            if check is not None:
+                check(part)  # (a refusal leaves the net partly loaded: the load failed anyway)
+            dst[s:s + part.size].copy_(torch.from_numpy(part))
+            release_pages(part)
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped blob's pages are no longer needed (after copying).
+
+    The file pages of a big caffemodel would otherwise stay resident next to the copies,
+    doubling the peak memory of a load; dropping them keeps it near the weights' own size.
+    """
+    owner = arr
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base  # views of views: up to the memoryview of the map
+    m = getattr(owner, "obj", None)
+    if not isinstance(m, mmap.mmap) or not arr.nbytes:
+        return
+    start = arr.ctypes.data - np.frombuffer(m, np.uint8, count=1).ctypes.data
+    lo = -(-start // _PAGE) * _PAGE
+    hi = (start + arr.nbytes) // _PAGE * _PAGE
+    if hi > lo and hasattr(m, "madvise"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # advice only
+            pass
 
 
 def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
@@ -484,8 +535,10 @@ def caffemodel_state_dict(path: str, *, check_finite: Optional[bool] = None) -> 
                 raise WeightsError(f"two layers named '{lw.name}' hold weights; a state dict needs "
                                    "unique names (convert with --model to pick the net's layers)",
                                    where=path, layer=lw.name)
-            with np.errstate(over="ignore"):  # only reached with check_finite off
-                sd[key] = torch.from_numpy(np.array(arr, dtype=np.float32))
+            out = torch.empty(tuple(arr.shape), dtype=torch.float32)
+            with np.errstate(over="ignore"):  # double_data over float32 only with check_finite off
+                _copy_blob(out, arr if arr.dtype == np.float32 else arr.astype(np.float32))
+            sd[key] = out
     return sd
 
 
@@ -532,13 +585,9 @@ def load_caffemodel_into(net, path: str, *, allow_missing: bool = False,
                 attr = entry.module.blob_names[i] if i < len(entry.module.blob_names) else f"blob{i}"
                 raise WeightsError(f"shape mismatch for '{attr}': the net expects {tuple(t.shape)}, "
                                    f"the file has {blob.shape}", where=path, layer=lw.name, blob=i)
-            if finite:
-                check_finite_array(blob.data, where=path, layer=lw.name, blob=i)
-            with torch.no_grad():
-                with warnings.catch_warnings():  # a read-only view of the map; copy_ copies
-                    warnings.simplefilter("ignore", UserWarning)
-                    src = torch.from_numpy(np.asarray(blob.data))
-                t.copy_(src.reshape(t.shape))
+            check = (lambda part, i=i: check_finite_array(part, where=path, layer=lw.name, blob=i)) \
+                if finite else None
+            _copy_blob(t, blob.data, check=check)
         loaded.add(lw.name)
     missing = [e.name for e in net.entries
                if e.module is not None and e.module.caffe_blobs() and e.name not in loaded]
@@ -740,12 +789,39 @@ def save(net, path: str, **kw) -> None:
 
 
 def save_safetensors(sd: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save as st_save
+    """Write a state dict as safetensors, streamed tensor by tensor and atomically.
 
-    from caffe_compat.atomic import atomic_write
+    The format (8-byte header length, JSON header, raw little-endian data) is written
+    directly so that no second in-memory copy of the weights is built; any safetensors
+    reader loads it.
+    """
+    import json
+
+    from caffe_compat.atomic import atomic_open
 
     clean = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    atomic_write(os.fspath(path), st_save(clean, metadata=metadata or {"format": "caffe-compat"}))
+    header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "caffe-compat"})}
+    offset = 0
+    for k, v in clean.items():
+        if v.dtype not in _ST_DTYPES:
+            raise WeightsError(f"cannot write dtype {v.dtype} to safetensors", layer=k.rsplit(".", 1)[0])
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_open(os.fspath(path)) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for v in clean.values():
+            if v.numel():
+                f.write(memoryview(v.view(torch.uint8).numpy() if v.dtype == torch.bfloat16
+                                   else v.numpy()).cast("B"))
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def fold_batchnorm(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
