@@ -1,0 +1,226 @@
+"""``caffe-compat train`` and ``caffe-compat train-alt-opt``: py-faster-rcnn's training tools.
+
+``train`` follows ``tools/train_net.py`` (and is ``caffe train`` for nets that read their
+own data layers); ``train-alt-opt`` follows ``tools/train_faster_rcnn_alt_opt.py``.  As
+there, ``--set KEY VALUE ...`` takes config overrides (``--set EXP_DIR foo
+TRAIN.SCALES "(400,)"``).  Exit status: 0 when training finished, 130/143 when SIGINT/
+SIGTERM stopped it (after writing a snapshot), 1 or 2 on errors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import click
+
+from caffe_compat.cli.main import friendly, main
+
+_SET_HELP = ("Config overrides: --set KEY VALUE [KEY VALUE ...] as py-faster-rcnn's --set (trailing "
+             "KEY VALUE words count too); values are Python literals, e.g. TRAIN.SCALES '(400,)'.")
+_EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _set_cfgs(pairs: Sequence[Sequence[str]], extra: Sequence[str]) -> List[str]:
+    """``--set KEY VALUE`` pairs plus the trailing ``KEY VALUE`` words, as one flat list."""
+    items = [v for pair in pairs for v in pair]
+    extra = list(extra)
+    if extra:
+        if not pairs:
+            raise click.UsageError(f"unexpected argument '{extra[0]}' (config overrides go after --set)")
+        bad = [a for a in extra if a.startswith("--")]
+        if bad:
+            raise click.UsageError(f"unexpected option {bad[0]} after the --set words; put options "
+                                   "before --set")
+        items += extra
+    return items
+
+
+def _configure(cfg_file: Optional[str], set_cfgs: Sequence[str], gpu: Optional[int]) -> None:
+    from caffe_compat.config import cfg, cfg_from_file, cfg_from_list
+
+    if cfg_file is not None:
+        cfg_from_file(cfg_file)
+    if set_cfgs:
+        cfg_from_list(list(set_cfgs))
+    if gpu is not None and gpu >= 0:
+        cfg.GPU_ID = int(gpu)
+
+
+def _common(fn):
+    """Options shared by both commands."""
+    opts = [
+        click.option("--weights", "pretrained_model", type=click.Path(dir_okay=False),
+                     help="Initialize with pretrained model weights (layers it lacks keep their fillers)."),
+        click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False, exists=True),
+                     help="Optional config file (e.g. experiments/cfgs/faster_rcnn_end2end.yml)."),
+        click.option("--imdb", "imdb_name", default="voc_2007_trainval", show_default=True,
+                     help="Data set to train on ('a+b' joins several)."),
+        click.option("--set", "set_pairs", nargs=2, multiple=True, metavar="KEY VALUE",
+                     help="Override a config key (repeatable; trailing KEY VALUE words count too)."),
+        click.option("--gpu", "gpu_id", type=int, default=None,
+                     help="CUDA device id (default: the CPU)."),
+        click.option("--rand", "randomize", is_flag=True,
+                     help="Randomize (do not seed from cfg.RNG_SEED)."),
+        click.option("--output", "output_dir", type=click.Path(file_okay=False),
+                     help="Output folder (default: ROOT/output/<EXP_DIR>/<imdb>, py-faster-rcnn's)."),
+        click.option("--format", "fmt", default="caffemodel", show_default=True,
+                     type=click.Choice(["caffemodel", "safetensors", "both"], case_sensitive=False),
+                     help="Snapshot weights format(s)."),
+        click.option("--progress/--no-progress", default=True, show_default=True,
+                     help="Progress bar with ETA on a terminal (plain progress lines otherwise)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _report(result, what: str = "training") -> None:
+    if result.loss_curve:
+        click.echo(f"loss curve: {result.loss_curve}")
+    if result.signal:
+        click.echo(f"{what} stopped by {result.signal} at iteration {result.iterations}; snapshot: "
+                   f"{result.final_model}")
+    elif result.final_model:
+        click.echo(f"final model: {result.final_model}")
+    else:
+        click.echo(f"nothing to train: the solver is already at iteration {result.iterations}")
+
+
+@main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              epilog=_SET_HELP)
+@click.option("--solver", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Solver prototxt (its net paths are relative to the current directory, as in Caffe).")
+@click.option("--snapshot", "resume", type=click.Path(dir_okay=False, exists=True),
+              help="Resume from a .solverstate written by an earlier run.")
+@click.option("--iters", "max_iters", type=click.IntRange(min=0), default=None,
+              help="Iterations to train (default: the solver's max_iter; py-faster-rcnn: 40000).")
+@_common
+@click.pass_context
+@friendly
+def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, imdb_name, set_pairs,
+                  gpu_id, randomize, output_dir, fmt, progress):
+    """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
+    from caffe_compat.config import cfg, get_output_dir
+    from caffe_compat.frcnn.progress import setup_logging
+    from caffe_compat.frcnn.train import (combined_roidb, load_solver_param, net_uses_roidb,
+                                          parse_formats, resolve_device, seed_everything, train_net,
+                                          train_plain)
+
+    set_cfgs = _set_cfgs(set_pairs, ctx.args)
+    if resume and pretrained_model:
+        raise click.UsageError("give --snapshot to resume training or --weights to fine-tune, not both "
+                               "(as caffe train)")
+    setup_logging()
+    log = logging.getLogger("caffe_compat.train")
+    log.info("Called with args: solver=%s weights=%s snapshot=%s iters=%s imdb=%s cfg=%s set=%s "
+             "gpu=%s rand=%s output=%s format=%s", solver, pretrained_model, resume, max_iters,
+             imdb_name, cfg_file, set_cfgs, gpu_id, randomize, output_dir, fmt)
+    _configure(cfg_file, set_cfgs, gpu_id)
+    device = resolve_device(gpu_id)
+    formats = parse_formats(fmt)
+    param = load_solver_param(solver)
+    if net_uses_roidb(param):
+        import pprint
+
+        log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
+        if not randomize:
+            seed_everything(cfg.RNG_SEED)
+        imdb, roidb = combined_roidb(imdb_name)
+        log.info("%d roidb entries", len(roidb))
+        out = os.path.abspath(output_dir) if output_dir else get_output_dir(imdb)
+        log.info("Output will be saved to `%s`", out)
+        iters = max_iters if max_iters is not None else (param.max_iter or 40000)
+        result = train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
+                           resume=resume, device=device, formats=formats, randomize=randomize,
+                           progress=progress)
+    else:
+        result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
+                             device=device, formats=formats, output_dir=output_dir, progress=progress)
+    _report(result)
+    if result.signal:
+        sys.exit(_EXIT_FOR_SIGNAL.get(result.signal, 1))
+
+
+@main.command("train-alt-opt", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              epilog=_SET_HELP)
+@click.option("--net_name", "--net-name", "net_name", required=True,
+              help="Network name (ZF -> MODELS_DIR/ZF/faster_rcnn_alt_opt) or the folder of the "
+                   "stage prototxts (stage1_rpn_train.pt, ..., rpn_test.pt).")
+@click.option("--iters", "iters", default=None,
+              help="Iterations per stage: one number or four (e.g. 80000,40000,80000,40000, the default).")
+@click.option("--iters-scale", "iters_scale", type=float, default=None,
+              help="Multiply the iterations of every stage (e.g. 0.001 for a smoke test).")
+@_common
+@click.pass_context
+@friendly
+def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, cfg_file, imdb_name,
+                          set_pairs, gpu_id, randomize, output_dir, fmt, progress):
+    """Train Faster R-CNN by alternating optimization (tools/train_faster_rcnn_alt_opt.py)."""
+    import pprint
+
+    from caffe_compat.config import cfg
+    from caffe_compat.frcnn.alt_opt import train_alt_opt
+    from caffe_compat.frcnn.progress import setup_logging
+    from caffe_compat.frcnn.train import parse_formats, resolve_device
+
+    set_cfgs = _set_cfgs(set_pairs, ctx.args)
+    setup_logging()
+    log = logging.getLogger("caffe_compat.train")
+    _configure(cfg_file, set_cfgs, gpu_id)
+    device = resolve_device(gpu_id)
+    log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
+    res = train_alt_opt(net_name, imdb_name, pretrained_model=pretrained_model, iters=iters,
+                        iters_scale=iters_scale, output_dir=output_dir, device=device,
+                        formats=parse_formats(fmt), randomize=randomize, progress=progress)
+    for stage, path in res.stage_models.items():
+        click.echo(f"{stage}: {path}")
+    for stage, path in res.proposals.items():
+        click.echo(f"{stage} proposals: {path}")
+    if res.interrupted:
+        click.echo(f"stopped by {res.signal} during {res.interrupted}")
+        sys.exit(_EXIT_FOR_SIGNAL.get(res.signal or "", 1))
+    click.echo(f"final model: {res.final_model}")
+
+
+@main.command("rpn-generate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              epilog=_SET_HELP)
+@click.option("--def", "prototxt", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="RPN test prototxt (e.g. faster_rcnn_alt_opt/rpn_test.pt; tops 'rois' and 'scores').")
+@click.option("--net", "caffemodel", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Trained RPN weights.")
+@click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False, exists=True), help="Optional config file.")
+@click.option("--imdb", "imdb_name", default="voc_2007_test", show_default=True,
+              help="Data set whose images get proposals.")
+@click.option("--set", "set_pairs", nargs=2, multiple=True, metavar="KEY VALUE",
+              help="Override a config key (repeatable; trailing KEY VALUE words count too).")
+@click.option("--gpu", "gpu_id", type=int, default=None, help="CUDA device id (default: the CPU).")
+@click.option("--output", "output_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: ROOT/output/<EXP_DIR>/<imdb>/<net name>).")
+@click.pass_context
+@friendly
+def rpn_generate_command(ctx, prototxt, caffemodel, cfg_file, imdb_name, set_pairs, gpu_id, output_dir):
+    """Write RPN proposals for every image of a data set (tools/rpn_generate.py), as .npz.
+
+    Use them with TRAIN/TEST.PROPOSAL_METHOD rpn (the imdb's rpn_file)."""
+    from caffe_compat.config import get_output_dir
+    from caffe_compat.datasets.factory import get_imdb
+    from caffe_compat.frcnn.alt_opt import rpn_generate
+    from caffe_compat.frcnn.progress import setup_logging
+    from caffe_compat.frcnn.train import resolve_device
+
+    set_cfgs = _set_cfgs(set_pairs, ctx.args)
+    setup_logging()
+    _configure(cfg_file, set_cfgs, gpu_id)
+    device = resolve_device(gpu_id)
+    name = os.path.splitext(os.path.basename(caffemodel))[0]
+    if output_dir is None:
+        class _Named:
+            def __init__(self, n: str) -> None:
+                self.name = n
+
+        output_dir = get_output_dir(get_imdb(imdb_name), _Named(name))
+    path = rpn_generate(imdb_name, caffemodel, prototxt, output_dir=output_dir, device=device,
+                        filename=name + "_rpn_proposals.npz")
+    click.echo(f"wrote RPN proposals to {path}")
