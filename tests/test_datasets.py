@@ -495,3 +495,26 @@ def test_evaluate_recall():
     assert d.evaluate_recall(area="small")["recalls"][0] == 1.0     # both areas < 32 ** 2
     with pytest.raises(DataError, match="unknown area range"):
         d.evaluate_recall(area="huge")
+
+
+def test_flip_tolerates_overhanging_float_proposals():
+    """Proposals mapped back from a resized image may overhang by under a pixel: clipped, not refused."""
+    from caffe_compat.datasets.imdb import imdb as Imdb
+
+    class Tiny(Imdb):
+        def __init__(self):
+            super().__init__("tiny")
+            self._classes = ("__background__", "a")
+            self._image_index = ["0"]
+
+        def _get_widths(self):
+            return [100]
+
+    d = Tiny()
+    boxes = np.array([[10, 10, 50, 50], [20, 5, 99.4, 60]], np.float32)  # gt, then a proposal
+    d._roidb = [{"boxes": boxes, "gt_classes": np.array([1, 0], np.int32), "flipped": False}]
+    d._roidb_handler = lambda: d._roidb
+    d.append_flipped_images()
+    flipped = d.roidb[1]["boxes"]
+    assert flipped[0].tolist() == [49, 10, 89, 50]
+    assert flipped[1, 0] == 0 and abs(flipped[1, 2] - 79) < 1e-5

@@ -401,8 +401,16 @@ class imdb:  # noqa: N801 - py-faster-rcnn's name, kept so ported scripts read t
             oldx2 = boxes[:, 2].astype(np.int64) if boxes.dtype == np.uint16 else boxes[:, 2].copy()
             nx1 = widths[i] - oldx2 - 1
             nx2 = widths[i] - oldx1 - 1
-            if (nx2 < nx1).any() or (nx1 < 0).any():
-                j = int(np.argmax((nx2 < nx1) | (nx1 < 0)))
+            # Ground truth must fit; proposals (gt_classes 0) only need x2 >= x1, as
+            # py-faster-rcnn checked: float proposals may overhang by under a pixel (clipped)
+            gt = np.asarray(entry.get("gt_classes", np.ones(len(boxes)))) > 0
+            if len(gt) != len(boxes):
+                gt = np.ones(len(boxes), bool)
+            if (~gt).any() and boxes.dtype.kind == "f":
+                nx1 = np.where(~gt, np.maximum(nx1, 0), nx1)
+            bad = (nx2 < nx1) | ((nx1 < 0) & gt)
+            if bad.any():
+                j = int(np.argmax(bad))
                 raise DataError(f"box {entry['boxes'][j].tolist()} of image {self.image_index[i]!r} "
                                 f"does not fit in its width {widths[i]}: cannot flip it "
                                 "(VOC annotations are 1-based; are these 0-based or out of range?)",
