@@ -290,3 +290,19 @@ def oversample(images: Sequence[np.ndarray], crop_dims: Sequence[int]) -> np.nda
             ix += 1
         crops[ix - 5:ix] = crops[ix - 5:ix, :, ::-1, :]  # mirrors
     return crops
+
+
+def input_transformer(net, *, mean=None, input_scale=None, raw_scale=None, channel_swap=None) -> "Transformer":
+    """The Transformer pycaffe's Classifier and Detector set up for a net's first input."""
+    in_ = net.inputs[0]
+    t = Transformer({in_: net.blobs[in_].data.shape})
+    t.set_transpose(in_, (2, 0, 1))
+    if mean is not None:
+        t.set_mean(in_, mean)
+    if input_scale is not None:
+        t.set_input_scale(in_, input_scale)
+    if raw_scale is not None:
+        t.set_raw_scale(in_, raw_scale)
+    if channel_swap is not None:
+        t.set_channel_swap(in_, channel_swap)
+    return t

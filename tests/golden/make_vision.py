@@ -7,7 +7,6 @@ oracle cannot give (round_mode FLOOR, STOCHASTIC pooling, which Caffe implements
 only, the 0/0 AVE window) is tested against numpy references in tests/test_layers_vision.py.
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -154,18 +153,9 @@ def run_case(name):
 
 
 def main(argv):
-    if len(argv) == 2 and argv[0] == "--one":
-        run_case(argv[1])
-        return 0
-    names = argv or sorted(CASES)
-    failed = []
-    for name in names:
-        rc = subprocess.call([sys.executable, os.path.abspath(__file__), "--one", name])
-        if rc:
-            failed.append(name)
-    if failed:
-        print("FAILED:", failed, file=sys.stderr)
-    return 1 if failed else 0
+    from oracle import run_cases
+
+    return run_cases(argv, CASES, run_case, __file__)
 
 
 if __name__ == "__main__":

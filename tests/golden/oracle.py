@@ -76,3 +76,20 @@ def record(path, prototxt, *, seed=0, phase="TEST", inputs=None, params=None,
     np.savez_compressed(path, **out)
     print("wrote", path, "(%d arrays)" % len(out), file=sys.stderr)
     return out
+
+
+def run_cases(argv, cases, run_case, script):
+    """``script [CASE ...]``: each case in its own process (a failed Caffe CHECK aborts it);
+    ``script --one CASE`` runs one case in this process."""
+    import subprocess
+
+    if len(argv) == 2 and argv[0] == "--one":
+        run_case(argv[1])
+        return 0
+    failed = []
+    for name in argv or sorted(cases):
+        if subprocess.call([sys.executable, os.path.abspath(script), "--one", name]):
+            failed.append(name)
+    if failed:
+        print("FAILED:", failed, file=sys.stderr)
+    return 1 if failed else 0
