@@ -5,7 +5,7 @@
 Nets: the ``nsfw`` package's real ResNet-50 (if installed), BVLC AlexNet and GoogLeNet
 deploy prototxts from ../shared/corpus with seeded random weights written as caffemodels.
 Reports ms per image (batch 1) for OpenCV dnn (CPU; the speed anchor), caffe-compat eager
-on CPU (and on CUDA with --gpu), with the ratio to OpenCV, and checks both give the same
+on CPU in the default layout and with ``net.channels_last()`` (NHWC), and on CUDA with --gpu, with the ratio to OpenCV, and checks both give the same
 outputs.  Thread count: torch and OpenCV both use all cores of the machine.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(0) if a.gpu and torch.cuda.is_available() else None
     print(f"CPU threads: torch {torch.get_num_threads()}, OpenCV {cv2.getNumThreads()}; GPU: {card or 'none'}")
-    print(f"{'net':30s} {'OpenCV ms':>10s} {'ours CPU ms':>12s} {'ratio':>6s}"
+    print(f"{'net':30s} {'OpenCV ms':>10s} {'ours CPU ms':>12s} {'ratio':>6s} {'NHWC ms':>8s} {'ratio':>6s}"
           + (f" {'ours GPU ms':>12s} {'ratio':>7s}" if card else "") + "  max |diff|")
     for name, proto, weights in cases(tmp):
         net = Net(proto, weights=str(weights))
@@ -94,7 +94,15 @@ def main() -> None:
         diff = float(np.abs(run_cv().reshape(-1) - run_ours().numpy().reshape(-1)).max())
         t_cv = bench(run_cv, a.iters)
         t_ours = bench(run_ours, a.iters)
-        line = f"{name:30s} {t_cv:10.2f} {t_ours:12.2f} {t_cv / t_ours:6.2f}"
+        nhwc = Net(proto, weights=str(weights)).channels_last()
+
+        def run_nhwc():
+            with torch.no_grad():
+                return nhwc.forward(**{inp: xt})[out_name]
+
+        diff = max(diff, float(np.abs(run_cv().reshape(-1) - run_nhwc().numpy().reshape(-1)).max()))
+        t_nhwc = bench(run_nhwc, a.iters)
+        line = f"{name:30s} {t_cv:10.2f} {t_ours:12.2f} {t_cv / t_ours:6.2f} {t_nhwc:8.2f} {t_cv / t_nhwc:6.2f}"
         if card:
             gnet = Net(proto, weights=str(weights), device="cuda")
             xg = xt.cuda()

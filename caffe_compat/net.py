@@ -100,6 +100,7 @@ class Net(nn.Module):
             stages=tuple(state.stage), level=int(state.level))
         self._input_overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._fed: Dict[str, Tensor] = {}
+        self.memory_format = torch.contiguous_format
         self.blobs: "OrderedDict[str, Tensor]" = OrderedDict()
         self.loss: Optional[Tensor] = None
         try:
@@ -308,13 +309,30 @@ class Net(nn.Module):
         arr = np.asarray(x)
         return torch.as_tensor(arr, dtype=self.dtype, device=self.device)
 
+    def channels_last(self, enable: bool = True) -> "Net":
+        """Run convolutions in NHWC memory layout (opt-in; a CPU/GPU inference speed-up).
+
+        Parameters are converted, and 4-D inputs are made channels-last when fed (a copy:
+        with this mode on, inputs are not used as they are).  Numbers are unchanged up to
+        float rounding (the golden tests run in both layouts).
+        """
+        self.memory_format = torch.channels_last if enable else torch.contiguous_format
+        with torch.no_grad():  # 4-D tensors only (3-D convolutions keep their layout)
+            for t in list(self.parameters()) + list(self.buffers()):
+                if t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=self.memory_format)
+        return self
+
     def feed(self, **inputs) -> None:
         """Set input blobs for the next forward (kept until replaced, like Caffe's blobs)."""
         for k, v in inputs.items():
             if k not in self.input_names:
                 raise GraphError(f"'{k}' is not an input of this net; inputs are: "
                                  f"{', '.join(self.input_names) or 'none'}")
-            self._fed[k] = self._as_tensor(k, v)
+            t = self._as_tensor(k, v)
+            if self.memory_format is torch.channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            self._fed[k] = t
 
     def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
         """Run the net; returns Caffe's net outputs by name."""

@@ -15,9 +15,11 @@ from caffe_compat.cli.main import friendly, main
 @click.option("--gpu", type=int, default=None, help="CUDA device id (default: CPU).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...")
 @click.option("--no-per-layer", is_flag=True, help="Skip the per-layer table.")
+@click.option("--channels-last", is_flag=True, help="Run in NHWC memory layout (often faster).")
 @click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS")
 @friendly
-def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_layer, allow_python_layers):
+def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_layer, channels_last,
+                 allow_python_layers):
     """Benchmark forward/backward of MODEL, per layer and in total."""
     import torch
 
@@ -39,6 +41,8 @@ def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_la
         device = torch.device(f"cuda:{gpu}")
     net = Net(model, weights=weights, phase=phase, input_shapes=shapes, device=device,
               allow_python_layers=allow_python_layers or None)
+    if channels_last:
+        net.channels_last()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     click.echo(f"Timing '{net.net_name}' ({net.phase}) on {card}, {iterations} iterations")
     report = time_net(net, iterations, per_layer=not no_per_layer)

@@ -29,7 +29,7 @@ def _rel_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str)
 
 def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
                  skip_blobs: Iterable[str] = (), check_backward: bool = True,
-                 dtype: torch.dtype = torch.float32) -> Net:
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Net:
     """Build the recorded net, load its params, run forward/backward, compare everything.
 
     Blob values are compared relative to the blob's max magnitude (``rtol``), as are diffs
@@ -46,6 +46,8 @@ def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
                 _, lname, i = k.split("/")
                 blob = net.layer(lname).caffe_blobs()[int(i)]
                 blob.copy_(torch.from_numpy(g[k]).reshape(blob.shape))
+    if channels_last:
+        net.channels_last()
     inputs = {}
     for k in keys:
         if k.startswith("input/"):
