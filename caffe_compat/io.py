@@ -140,8 +140,8 @@ def _binary_hint(raw: bytes) -> str:
     return "save it as UTF-8 (or is it a binary file?)"
 
 
-def read_text_file(path: PathOrText, *, what: str = "prototxt") -> str:
-    """The text of a definition file, refusing directories, huge, empty and binary files."""
+def _stat_file(path: PathOrText, what: str):
+    """(path, os.stat result) of a file to read; unreadable paths and directories refused."""
     try:
         path = os.fspath(path)
         st = os.stat(path)
@@ -150,6 +150,12 @@ def read_text_file(path: PathOrText, *, what: str = "prototxt") -> str:
         raise ParseError(f"cannot read {what}: {reason}", where=str(path)) from None
     if stat.S_ISDIR(st.st_mode):
         raise ParseError(f"is a directory, expected a {what} file", where=path)
+    return path, st
+
+
+def read_text_file(path: PathOrText, *, what: str = "prototxt") -> str:
+    """The text of a definition file, refusing directories, huge, empty and binary files."""
+    path, st = _stat_file(path, what)
     if stat.S_ISREG(st.st_mode):
         _check_text_size(st.st_size, path)
     try:
@@ -237,14 +243,7 @@ def parse_binary(data: bytes, message, filename: str = "<bytes>"):
 
 def read_binary_file(path: PathOrText, *, what: str = "binary protobuf") -> bytes:
     """The bytes of a binary file, refusing directories and empty files clearly."""
-    try:
-        path = os.fspath(path)
-        st = os.stat(path)
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ParseError(f"cannot read {what}: {reason}", where=str(path)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ParseError(f"is a directory, expected a {what} file", where=path)
+    path, st = _stat_file(path, what)
     try:
         with open(path, "rb") as f:
             data = f.read()

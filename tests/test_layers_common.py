@@ -138,18 +138,8 @@ def test_golden_bn_train_changes_stats():
 
 
 # ----------------------------------------------------------------------------- golden via Net
-def _net_ready() -> bool:
-    try:
-        from caffe_compat import Net  # noqa: F401
-    except Exception:
-        return False
-    return "Input" in registry.registered_types()
-
-
 @pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
 def test_golden_net(path):
-    if not _net_ready():
-        pytest.skip("caffe_compat.Net cannot build Input layers yet")
     from golden_util import check_golden
 
     g = np.load(str(path))

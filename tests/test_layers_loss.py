@@ -493,16 +493,6 @@ def test_accuracy_all_ignored_is_zero_and_topk_check():
 
 
 # ---------------------------------------------------------------------------- whole-net goldens
-def _net_ready() -> bool:
-    try:
-        from caffe_compat import Net  # noqa: F401
-        import golden_util  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _net_ready(), reason="caffe_compat.net.Net not available yet")
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_golden_net(path):
     from golden_util import check_golden

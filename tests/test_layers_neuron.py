@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from golden_util import run_golden_layers
+from golden_util import check_golden, run_golden_layers
 from caffe_compat.errors import GraphError, SchemaError, ShapeError
 from caffe_compat.layers.base import BuildContext
 from caffe_compat.layers.registry import resolve
@@ -43,22 +43,8 @@ def test_golden_layer(path, dtype):
     run_golden_layers(path, dtype)
 
 
-def _net_ready() -> bool:
-    """The lead's Net and an Input layer exist (golden nets feed through Input layers)."""
-    try:
-        from caffe_compat import Net  # noqa: F401
-        from caffe_compat.layers.registry import registered_types
-        import golden_util  # noqa: F401
-    except Exception:
-        return False
-    return "Input" in registered_types()
-
-
-@pytest.mark.skipif(not _net_ready(), reason="caffe_compat.Net not available yet")
 @pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
 def test_golden_net(path):
-    from golden_util import check_golden
-
     check_golden(path)
 
 
