@@ -27,6 +27,7 @@ from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
 from caffe_compat.limits import check_shape
 from caffe_compat.net_state import filter_net, make_state
+from caffe_compat.precision import exact_fp32
 from caffe_compat.protos import caffe_pb2
 
 ModelSource = Union[str, "os.PathLike[str]", "caffe_pb2.NetParameter"]
@@ -73,8 +74,10 @@ class Net(nn.Module):
                  level: Optional[int] = None, stages: Iterable[str] = (),
                  allow_python_layers: Optional[bool] = None, allow_missing: bool = False,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: Optional[int] = None, device=None):
+                 seed: Optional[int] = None, device=None, allow_tf32: bool = False):
         super().__init__()
+        #: Caffe's fp32 has no TF32; True lets cuDNN/cuBLAS use it (faster, ~1e-3 relative).
+        self.allow_tf32 = bool(allow_tf32)
         if isinstance(model, caffe_pb2.NetParameter):
             from caffe_compat.upgrade import upgrade_net
 
@@ -334,8 +337,20 @@ class Net(nn.Module):
                 t = t.contiguous(memory_format=torch.channels_last)
             self._fed[k] = t
 
+    def precision(self):
+        """Context for passes over this net's graph: true fp32 unless ``allow_tf32``.
+
+        ``forward``/``backward`` use it; wrap your own ``torch.autograd`` calls on the
+        net's outputs in it too (on CUDA, backward kernels read torch's global flags).
+        """
+        return exact_fp32(not self.allow_tf32)
+
     def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
         """Run the net; returns Caffe's net outputs by name."""
+        with self.precision():
+            return self._forward(inputs)
+
+    def _forward(self, inputs) -> "OrderedDict[str, Tensor]":
         self.feed(**inputs)
         blobs: Dict[str, Tensor] = {}
         loss: Optional[Tensor] = None
@@ -374,7 +389,8 @@ class Net(nn.Module):
         if self.loss is None:
             raise GraphError("the net has no loss to backpropagate (run forward first; "
                              "loss layers or loss_weight make a loss)")
-        self.loss.backward()
+        with self.precision():
+            self.loss.backward()
 
     def reshape(self, **shapes: Sequence[int]) -> Dict[str, Optional[Shape]]:
         """Recompute every blob shape for new input shapes (Caffe's ``Net::Reshape``)."""

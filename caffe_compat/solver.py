@@ -376,7 +376,8 @@ class Solver:
         if loss is None:
             return None
         if loss.requires_grad:
-            loss.backward()
+            with self.net.precision():
+                loss.backward()
         return loss.detach()
 
     def _nonfinite_loss_top(self) -> Optional[str]:

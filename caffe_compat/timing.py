@@ -71,7 +71,7 @@ def time_net(net, iterations: int = 50, *, backward: Optional[bool] = None, warm
             net.forward(**feeds)
             if backward:
                 net.zero_grad(set_to_none=True)
-                net.loss.backward()
+                net.backward()
     fw, bw = [], []
     for _ in range(iterations):
         net.zero_grad(set_to_none=True)
@@ -83,7 +83,7 @@ def time_net(net, iterations: int = 50, *, backward: Optional[bool] = None, warm
         t1 = time.perf_counter()
         fw.append(t1 - t0)
         if backward:
-            net.loss.backward()
+            net.backward()
             _sync(device)
             bw.append(time.perf_counter() - t1)
     report = TimingReport(iterations, float(np.mean(fw)) * 1e3, float(np.mean(bw)) * 1e3 if bw else None)

@@ -266,6 +266,19 @@ def _torch_pooled_size(size: int, k: int, s: int, p: int, ceil: bool) -> Optiona
     return out
 
 
+def _avg_pool2d(x: Tensor, *args, **kwargs) -> Tensor:
+    """``F.avg_pool2d`` run on an NCHW-contiguous input on CUDA.
+
+    With a channels-last input on CUDA (torch 2.11, H200) the input gradient of padded
+    average windows came out wrong (golden nets pool_ave_k3s2p1, lrn_within, spp_ave2 in
+    NHWC; forward was right; ``benchmarks/gpu_diag_avgpool.py`` shows the cases).  The
+    copy costs one layout change per average-pooling layer, rare in channels-last nets.
+    """
+    if x.is_cuda and not x.is_contiguous():
+        x = x.contiguous()
+    return F.avg_pool2d(x, *args, **kwargs)
+
+
 def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence[int],
                  pad: Sequence[int], ceil: bool = True, *, return_mask: bool = False,
                  train: bool = False, generator: Optional[torch.Generator] = None,
@@ -328,10 +341,10 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
 
     if method == AVE:
         if fast:
-            return F.avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
+            return _avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
                                 count_include_pad=True), None
         xp = F.pad(x, (pw, rw, ph, rh))
-        sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+        sums = _avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
         sizes_h = [min(o * sh - ph + kh, H + ph) - (o * sh - ph) for o in range(OH)]
         sizes_w = [min(o * sw - pw + kw, W + pw) - (o * sw - pw) for o in range(OW)]
         div = torch.tensor([[a * b for b in sizes_w] for a in sizes_h], dtype=x.dtype,
@@ -343,8 +356,8 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
             raise ShapeError("padding is implemented only for AVE and MAX pooling", layer=layer)
         xp = F.pad(x, (0, rw, 0, rh))
         if not train:
-            sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
-            sq = F.avg_pool2d(xp * xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+            sums = _avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+            sq = _avg_pool2d(xp * xp, (kh, kw), (sh, sw), 0, divisor_override=1)
             zero = (sums == 0).detach()
             safe = torch.where(zero, torch.ones_like(sums), sums + FLT_MIN)
             return torch.where(zero, (sq / FLT_MIN).detach(), sq / safe), None
@@ -495,12 +508,12 @@ class LRN(Layer):
         if self.region == 0:
             N, C, H, W = x.shape
             # mean over a channel window of n (zero padded): divisor is always n
-            mean = F.avg_pool2d(sq.reshape(N, 1, C, H * W), (n, 1), 1, (pre, 0),
+            mean = _avg_pool2d(sq.reshape(N, 1, C, H * W), (n, 1), 1, (pre, 0),
                                 count_include_pad=True).reshape(x.shape)
             scale = mean * self.alpha + self.k
         else:
             # Caffe: AVE pooling n x n, pad (n-1)/2: every window has n*n elements
-            mean = F.avg_pool2d(sq, n, 1, pre, count_include_pad=True)
+            mean = _avg_pool2d(sq, n, 1, pre, count_include_pad=True)
             scale = mean * self.alpha + 1.0
         return (x * scale.pow(-self.beta),)
 

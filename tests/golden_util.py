@@ -29,7 +29,8 @@ def _rel_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str)
 
 def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
                  skip_blobs: Iterable[str] = (), check_backward: bool = True,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Net:
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 device: str = "cpu") -> Net:
     """Build the recorded net, load its params, run forward/backward, compare everything.
 
     Blob values are compared relative to the blob's max magnitude (``rtol``), as are diffs
@@ -46,12 +47,13 @@ def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
                 _, lname, i = k.split("/")
                 blob = net.layer(lname).caffe_blobs()[int(i)]
                 blob.copy_(torch.from_numpy(g[k]).reshape(blob.shape))
+    net.to(device)
     if channels_last:
         net.channels_last()
     inputs = {}
     for k in keys:
         if k.startswith("input/"):
-            t = torch.from_numpy(g[k]).to(dtype)
+            t = torch.from_numpy(g[k]).to(dtype=dtype, device=device)
             t.requires_grad_(check_backward)
             inputs[k[len("input/"):]] = t
     outs = net.forward(**inputs)
@@ -70,7 +72,7 @@ def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
             name = k[len("top_diff/"):]
             if outs[name].requires_grad:
                 tops.append(outs[name])
-                diffs.append(torch.from_numpy(g[k]).to(dtype).reshape(outs[name].shape))
+                diffs.append(torch.from_numpy(g[k]).to(dtype=dtype, device=device).reshape(outs[name].shape))
     wrt, wrt_keys = [], []
     for k in keys:
         if k.startswith("diff/"):
@@ -83,7 +85,8 @@ def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
             if isinstance(p, torch.nn.Parameter) and p.requires_grad:
                 wrt.append(p)
                 wrt_keys.append(k)
-    grads = torch.autograd.grad(tops, wrt, diffs, allow_unused=True) if tops else [None] * len(wrt)
+    with net.precision():
+        grads = torch.autograd.grad(tops, wrt, diffs, allow_unused=True) if tops else [None] * len(wrt)
     for k, t, gr in zip(wrt_keys, wrt, grads):
         expected = g[k]
         actual = np.zeros(expected.shape, np.float32) if gr is None else gr.detach().cpu().numpy()

@@ -25,6 +25,9 @@ prints it as one line, `error: <message>`, and exits with 2 (bad input) or 1 (a 
 while running, e.g. `SolverError`, a full disk, or a bug); `caffe-compat --debug ...` (or
 `CAFFE_COMPAT_DEBUG=1`) shows the traceback instead.
 
+{made_with}  Messages that quote Python or torch (the pickle refusals) can read slightly
+differently under other versions.
+
 Limits (refused before anything is allocated; raise them with the environment variable or
 `caffe_compat.limits.set_limits(...)` / `with caffe_compat.limits.raised(...)`):
 
@@ -69,6 +72,14 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def made_with() -> str:
+    """The versions the messages were recorded under (the currency test compares them)."""
+    import torch
+
+    v = sys.version_info
+    return f"Recorded with Python {v.major}.{v.minor} and torch {torch.__version__.split('+')[0]}."
+
+
 def render() -> str:
     """The document's text (deterministic: scratch paths are replaced by ``<tmp>``)."""
     sys.path.insert(0, str(HERE))
@@ -94,7 +105,7 @@ def render() -> str:
     gaps = "\n".join(f"- {what}: `{' '.join(text.split())}`" for what, text in T.ABSURD_DEFINITIONS)
     fuzz = "\n".join(f"- {bid} (`{sig}`): {_cell(reason)}; input: `{' '.join(text.split())}`"
                      for bid, text, sig, reason in TF.KNOWN_BUGS)
-    doc = HEADER.format(limits=lim) + "\n".join(rows) + "\n" + ABSURD.format(gaps=gaps)
+    doc = HEADER.format(limits=lim, made_with=made_with()) + "\n".join(rows) + "\n" + ABSURD.format(gaps=gaps)
     return doc + (GAPS.format(fuzz=fuzz) if fuzz else "")
 
 

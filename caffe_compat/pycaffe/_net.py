@@ -484,6 +484,10 @@ class Net:
 
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo (inclusive); returns the loss of the layers run."""
+        with self._core.precision():
+            return self._forward_steps(start, end)
+
+    def _forward_steps(self, start: int, end: int) -> float:
         n = len(self._steps)
         if not (0 <= start and end < n):
             raise IndexError(f"layer range {start}..{end} outside 0..{n - 1}")
@@ -554,6 +558,10 @@ class Net:
 
     def _backward(self, start: int, end: int) -> None:
         """Caffe's BackwardFromTo (``start`` >= ``end``, inclusive)."""
+        with self._core.precision():
+            self._backward_steps(start, end)
+
+    def _backward_steps(self, start: int, end: int) -> None:
         n = len(self._steps)
         if not (end >= 0 and start < n):
             raise IndexError(f"layer range {start}..{end} outside 0..{n - 1}")

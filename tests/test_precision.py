@@ -1,0 +1,113 @@
+"""True fp32 on CUDA: Caffe had no TF32, so a Net turns it off for its own passes.
+
+CPU part: the flags are set during forward/backward and restored after (torch's flags are
+global and settable without a GPU).  GPU part (marked ``gpu``): every golden net recorded
+from real Caffe runs on CUDA in both memory layouts within the CPU tolerances, a wide
+convolution + inner product agrees with float64 to 1e-5 (TF32 would miss by ~1e-3), and the
+real ResNet-50 gives Caffe's numbers on the card.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_compat import Net
+from caffe_compat.precision import exact_fp32, tf32_state
+from golden_util import check_golden, golden_files
+
+WIDE = """
+input: "data" input_shape { dim: 2 dim: 256 dim: 24 dim: 24 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 256 kernel_size: 3 pad: 1
+                            weight_filler { type: "gaussian" std: 0.02 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
+        inner_product_param { num_output: 512 weight_filler { type: "gaussian" std: 0.002 } } }
+"""
+
+
+def _exact_values():
+    from caffe_compat.precision import _targets
+
+    return tuple(v for _, _, v in _targets())
+
+
+def test_exact_fp32_sets_and_restores():
+    before = tf32_state()
+    assert before != _exact_values(), "torch's default allows TF32 for cuDNN convolutions"
+    with exact_fp32():
+        assert tf32_state() == _exact_values()
+        with exact_fp32():                  # nested: still exact, outer restore unaffected
+            assert tf32_state() == _exact_values()
+        assert tf32_state() == _exact_values()
+    assert tf32_state() == before
+    with pytest.raises(RuntimeError):
+        with exact_fp32():
+            raise RuntimeError("boom")
+    assert tf32_state() == before           # restored on error too
+    with exact_fp32(False):
+        assert tf32_state() == before
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_net_passes_run_exact_unless_allowed(allow, monkeypatch):
+    net = Net(WIDE.replace("dim: 256 dim: 24 dim: 24", "dim: 2 dim: 3 dim: 3")
+              .replace("num_output: 256", "num_output: 2"), allow_tf32=allow)
+    seen = []
+    conv = net.layer("conv")
+    orig = conv.forward
+
+    def spy(*a):
+        seen.append(tf32_state())
+        return orig(*a)
+
+    monkeypatch.setattr(conv, "forward", spy)
+    before = tf32_state()
+    x = torch.randn(2, 2, 3, 3, requires_grad=True)
+    net.forward(data=x)
+    assert seen == [before if allow else _exact_values()]
+    assert tf32_state() == before
+
+
+# ------------------------------------------------------------------------------------ GPU
+FILES = [p for fam in ("vision", "neuron", "common", "loss", "python") for p in golden_files(fam)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.name}/{p.stem}" for p in FILES])
+def test_golden_on_cuda(path, layout, monkeypatch):
+    if path.parent.name == "python":
+        monkeypatch.setenv("CAFFE_COMPAT_ALLOW_PYTHON_LAYERS", "1")
+        monkeypatch.syspath_prepend(str(path.parent.parent.parent / "data" / "pylayers"))
+    g = np.load(str(path))
+    skip = [k[len("blob/"):] for k in g.files if k.startswith("blob/") and "_split_" in k]
+    net = check_golden(path, skip_blobs=skip, device="cuda", channels_last=layout == "nhwc")
+    assert all(p.device.type == "cuda" for p in net.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_convolution_and_inner_product_are_true_fp32():
+    net = Net(WIDE, seed=1)
+    x = torch.randn(2, 256, 24, 24, generator=torch.Generator().manual_seed(2))
+    ref = net.to(torch.float64).forward(data=x.double())["fc"].detach()
+    gnet = net.to(torch.float32).to("cuda")
+    out = gnet.forward(data=x.cuda())["fc"].detach().cpu().double()
+    err = (out - ref).abs().max().item() / ref.abs().max().item()
+    assert err < 1e-5, f"relative error {err:.2e}: TF32 leaked into a Caffe pass"
+
+
+@pytest.mark.gpu
+def test_nsfw_resnet50_on_cuda():
+    from test_nsfw_resnet50 import HERE, nsfw_dir
+    from make_nsfw import nsfw_input
+
+    d = nsfw_dir()
+    g = np.load(HERE / "golden" / "nsfw_resnet50.npz")
+    for layout in ("nchw", "nhwc"):
+        net = Net(d / "deploy.prototxt", weights=str(d / "resnet_50_1by2_nsfw.caffemodel"), device="cuda")
+        if layout == "nhwc":
+            net.channels_last()
+        with torch.no_grad():
+            prob = net.forward(data=torch.from_numpy(nsfw_input()).cuda())["prob"].cpu().numpy()
+        np.testing.assert_allclose(prob, g["blob/prob"], rtol=1e-5, err_msg=layout)
