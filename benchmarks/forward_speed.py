@@ -4,10 +4,17 @@
 
 Nets: the ``nsfw`` package's real ResNet-50 (if installed), BVLC AlexNet and GoogLeNet
 deploy prototxts from ../shared/corpus with seeded random weights written as caffemodels.
-Reports ms per image (batch 1) for OpenCV dnn (CPU; the speed anchor), caffe-compat eager
-on CPU in the default layout and with ``net.channels_last()`` (NHWC), and with --gpu on
-CUDA (exact fp32 NCHW, exact NHWC, and NHWC with ``allow_tf32=True``), each with the ratio
-to OpenCV, and checks that all exact variants give OpenCV's outputs.  Thread count: torch and OpenCV both use all cores of the machine.
+Reports ms per forward at the deploy batch for OpenCV dnn (CPU; the speed anchor) and
+caffe-compat variants, each with its ratio to OpenCV (>1: caffe-compat is faster):
+
+- CPU: eager NCHW; ``net.channels_last()`` (NHWC); NHWC after ``net.fuse_batchnorm()``;
+- with --gpu, CUDA: eager NCHW; NHWC; NHWC with ``allow_tf32=True`` (not Caffe's numbers:
+  its difference is shown, not checked); a CUDA graph replay (``caffe_compat.cuda_graph``);
+  fused BatchNorm + CUDA graph.
+
+Every exact variant's output is compared with OpenCV's (max |diff| per net).  Thread
+count: torch and OpenCV both use all cores of the machine.  Where OpenCV has no Caffe
+importer (OpenCV 5), the eager NCHW CPU run is the baseline instead.
 """
 from __future__ import annotations
 
@@ -63,6 +70,7 @@ def main() -> None:
     import cv2
 
     from caffe_compat import Net
+    from caffe_compat.cuda_graph import CudaGraphNet
 
     tmp = pathlib.Path(os.environ.get("BENCH_DIR", tempfile.mkdtemp(prefix="cc-fwd-")))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -70,65 +78,58 @@ def main() -> None:
     has_cv = hasattr(cv2.dnn, "readNetFromCaffe")
     print(f"CPU threads: torch {torch.get_num_threads()}, OpenCV {cv2.getNumThreads()}; GPU: {card or 'none'}")
     if not has_cv:
-        print(f"OpenCV {cv2.__version__} has no Caffe importer: the 'OpenCV ms' column is caffe-compat "
-              "eager CPU (NCHW), the baseline of every ratio")
-    print(f"{'net':30s} {'OpenCV ms':>10s} {'ours CPU ms':>12s} {'ratio':>6s} {'NHWC ms':>8s} {'ratio':>6s}"
-          + (f" {'GPU ms':>9s} {'ratio':>6s} {'G-NHWC':>9s} {'ratio':>6s} {'G-TF32':>9s} {'ratio':>6s}"
-             if card else "") + "  max |diff|")
+        print(f"OpenCV {cv2.__version__} has no Caffe importer: the eager NCHW CPU run is the baseline")
+    cpu_variants = [("CPU", {}), ("CPU NHWC", {"nhwc": True}), ("CPU fused NHWC", {"nhwc": True, "fuse": True})]
+    gpu_variants = [("GPU", {}), ("GPU NHWC", {"nhwc": True}), ("GPU TF32 NHWC", {"nhwc": True, "tf32": True}),
+                    ("GPU graph", {"graph": True}), ("GPU fused graph", {"fuse": True, "graph": True})]
+    print("ms per forward (ratio = baseline time / this time)")
     for name, proto, weights in cases(tmp):
-        net = Net(proto, weights=str(weights))
-        inp = net.input_names[0]
-        shape = net.blob_shapes[inp]
-        x = np.random.RandomState(0).randn(*shape).astype(np.float32)
-        out_name = net.output_names[0]
+        probe = Net(proto, weights=str(weights))
+        inp, out_name = probe.input_names[0], probe.output_names[0]
+        x = np.random.RandomState(0).randn(*probe.blob_shapes[inp]).astype(np.float32)
+        del probe
         xt = torch.from_numpy(x)
 
-        def run_ours():
-            with torch.no_grad():
-                return net.forward(**{inp: xt})[out_name]
+        def build(device: str, nhwc=False, tf32=False, fuse=False, graph=False):
+            net = Net(proto, weights=str(weights), device=device, allow_tf32=tf32)
+            if fuse:
+                net.fuse_batchnorm()
+            if nhwc:
+                net.channels_last()
+            xin = xt.to(device)
+            run_net = CudaGraphNet(net, **{inp: xin}) if graph else net.forward
+
+            def run():
+                with torch.no_grad():
+                    r = run_net(**{inp: xin})[out_name]
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return r.cpu().numpy()
+            return run
 
         if has_cv:
             cvnet = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
 
-            def run_cv():
+            def run_base():
                 cvnet.setInput(x)
                 return cvnet.forward()
-        else:  # OpenCV 5 dropped its Caffe importer: our eager CPU run is the baseline
-            def run_cv():
-                return run_ours().numpy()
-
-        diff = float(np.abs(run_cv().reshape(-1) - run_ours().numpy().reshape(-1)).max())
-        t_cv = bench(run_cv, a.iters)
-        t_ours = bench(run_ours, a.iters)
-        nhwc = Net(proto, weights=str(weights)).channels_last()
-
-        def run_nhwc():
-            with torch.no_grad():
-                return nhwc.forward(**{inp: xt})[out_name]
-
-        diff = max(diff, float(np.abs(run_cv().reshape(-1) - run_nhwc().numpy().reshape(-1)).max()))
-        t_nhwc = bench(run_nhwc, a.iters)
-        line = f"{name:30s} {t_cv:10.2f} {t_ours:12.2f} {t_cv / t_ours:6.2f} {t_nhwc:8.2f} {t_cv / t_nhwc:6.2f}"
+        else:
+            run_base = build("cpu")
+        ref = run_base().reshape(-1)
+        t_base = bench(run_base, a.iters)
+        cells = [f"{'OpenCV' if has_cv else 'CPU (baseline)'} {t_base:.2f}"]
+        diff = 0.0
+        variants = [(v, kw, "cpu", a.iters) for v, kw in cpu_variants]
         if card:
-            xg = xt.cuda()
-            for variant in ("exact", "nhwc", "tf32+nhwc"):
-                gnet = Net(proto, weights=str(weights), device="cuda", allow_tf32=variant.startswith("tf32"))
-                if "nhwc" in variant:
-                    gnet.channels_last()
-
-                def run_gpu():
-                    with torch.no_grad():
-                        r = gnet.forward(**{inp: xg})[out_name]
-                    torch.cuda.synchronize()
-                    return r
-
-                t_gpu = bench(run_gpu, a.iters * 5)
-                d = float(np.abs(run_cv().reshape(-1) - run_gpu().cpu().numpy().reshape(-1)).max())
-                if variant != "tf32+nhwc":  # TF32 is not Caffe's fp32: its difference is shown, not checked
-                    diff = max(diff, d)
-                line += f" {t_gpu:9.3f} {t_cv / t_gpu:6.0f}" + (f" (diff {d:.1e})" if variant == "tf32+nhwc" else "")
-        print(line + f"  {diff:.2e}")
-    print("ratio = OpenCV time / caffe-compat time (>1: caffe-compat is faster)")
+            variants += [(v, kw, "cuda", a.iters * 5) for v, kw in gpu_variants]
+        for label, kw, device, iters in variants:
+            run = build(device, **kw)
+            d = float(np.abs(run().reshape(-1) - ref).max())
+            t = bench(run, iters)
+            cells.append(f"{label} {t:.2f} ({t_base / t:.2f}x)" + (f" diff {d:.1e}" if kw.get("tf32") else ""))
+            if not kw.get("tf32"):
+                diff = max(diff, d)
+        print(f"{name}: " + " | ".join(cells) + f" | max |diff| {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -301,6 +301,15 @@ class Net(nn.Module):
             return t.dtype
         return torch.float32
 
+    def fuse_batchnorm(self) -> List[str]:
+        """Fold BatchNorm (+ Scale) into the preceding convolutions (inference only, opt-in).
+
+        Returns the names of the layers folded away; see ``caffe_compat.fuse``.
+        """
+        from caffe_compat.fuse import fold_batchnorm_into_conv
+
+        return fold_batchnorm_into_conv(self)
+
     def learnable_params(self) -> List[ParamInfo]:
         """Unique learnable parameters in Caffe's order, with their lr/decay multipliers."""
         return list(self.param_infos.values())

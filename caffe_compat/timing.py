@@ -121,3 +121,24 @@ def _per_layer_forward(net, feeds, iterations: int, device) -> "OrderedDict[str,
         for h in hooks:
             h.remove()
     return OrderedDict((k, float(np.mean(v)) * 1e3) for k, v in times.items() if v)
+
+
+def time_cuda_graph(net, iterations: int, warmup: int = 3,
+                    inputs: Optional[Dict[str, torch.Tensor]] = None) -> TimingReport:
+    """Average forward time of ``net`` replayed as a CUDA graph (inference; no per-layer
+    table: a graph is one launch)."""
+    from caffe_compat.cuda_graph import CudaGraphNet
+
+    feeds = inputs if inputs is not None else random_inputs(net)
+    graph = CudaGraphNet(net, warmup, **feeds)
+    device = graph.device
+    for _ in range(warmup):
+        graph()
+    fw = []
+    for _ in range(iterations):
+        _sync(device)
+        t0 = time.perf_counter()
+        graph()
+        _sync(device)
+        fw.append(time.perf_counter() - t0)
+    return TimingReport(iterations, float(np.mean(fw)) * 1e3, None)

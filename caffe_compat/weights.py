@@ -569,6 +569,13 @@ def load_caffemodel_into(net, path: str, *, allow_missing: bool = False,
     _, layers = read_caffemodel(path)
     notes: List[str] = []
     loaded = set()
+    for lw in layers:  # before copying anything: unfused weights into a fused net
+        entry = net._by_name.get(lw.name)
+        if lw.blobs and entry is not None and entry.module is None \
+                and entry.unbuilt_reason.startswith("folded into"):
+            raise WeightsError("the file holds this layer's own blobs, but the net has folded it "
+                               f"({entry.unbuilt_reason.split(' (')[0]}): load the weights first, "
+                               "then call fuse_batchnorm()", where=path, layer=lw.name)
     for lw in layers:
         if not lw.blobs:
             continue

@@ -15,6 +15,7 @@ geometry differs from PyTorch's:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -166,6 +167,24 @@ class Convolution(_ConvGeometry):
         else:
             self.bias = None
 
+    def add_bias(self, value: Tensor) -> Tensor:
+        """Give a convolution built without ``bias_term`` its ``bias`` blob (Caffe's blob 1).
+
+        For inference passes that fold a per-channel shift into the convolution
+        (``caffe_compat.fuse``); the layer's definition then says ``bias_term: true``, so a
+        caffemodel saved afterwards describes its two blobs.
+        """
+        if self.bias_term:
+            raise self.error(GraphError, "the convolution already has a bias")
+        if tuple(value.shape) != (self.num_output,):
+            raise self.error(ShapeError, f"bias must have shape ({self.num_output},), "
+                                         f"got {tuple(value.shape)}")
+        del self.bias  # the plain None attribute set in __init__
+        self.add_blob("bias", (self.num_output,), value=value)
+        self.bias_term = True
+        self.param.convolution_param.bias_term = True
+        return self.bias
+
     def forward(self, *bottoms: Tensor) -> Tuple[Tensor, ...]:
         return tuple(self._one(x) for x in bottoms)
 
@@ -279,6 +298,25 @@ def _avg_pool2d(x: Tensor, *args, **kwargs) -> Tensor:
     return F.avg_pool2d(x, *args, **kwargs)
 
 
+_DIVISORS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def _ave_divisors(H: int, W: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                  OH: int, OW: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Caffe's AVE window sizes (clipped to the padded map), cached per geometry and device:
+    no host-to-device copy per forward, which also lets such nets be captured as CUDA graphs."""
+    key = (H, W, kh, kw, sh, sw, ph, pw, OH, OW, dtype, device)
+    div = _DIVISORS.get(key)
+    if div is None:
+        sizes_h = [min(o * sh - ph + kh, H + ph) - (o * sh - ph) for o in range(OH)]
+        sizes_w = [min(o * sw - pw + kw, W + pw) - (o * sw - pw) for o in range(OW)]
+        div = torch.tensor([[a * b for b in sizes_w] for a in sizes_h], dtype=dtype, device=device)
+        _DIVISORS[key] = div
+        while len(_DIVISORS) > 64:
+            _DIVISORS.popitem(last=False)
+    return div
+
+
 def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence[int],
                  pad: Sequence[int], ceil: bool = True, *, return_mask: bool = False,
                  train: bool = False, generator: Optional[torch.Generator] = None,
@@ -345,11 +383,7 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
                                 count_include_pad=True), None
         xp = F.pad(x, (pw, rw, ph, rh))
         sums = _avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
-        sizes_h = [min(o * sh - ph + kh, H + ph) - (o * sh - ph) for o in range(OH)]
-        sizes_w = [min(o * sw - pw + kw, W + pw) - (o * sw - pw) for o in range(OW)]
-        div = torch.tensor([[a * b for b in sizes_w] for a in sizes_h], dtype=x.dtype,
-                           device=x.device)
-        return sums / div, None
+        return sums / _ave_divisors(H, W, kh, kw, sh, sw, ph, pw, OH, OW, x.dtype, x.device), None
 
     if method == STOCHASTIC:
         if ph or pw:
