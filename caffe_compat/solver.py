@@ -772,11 +772,23 @@ class Solver:
             "rng": self._rng_states(),
         }
         tensors = {f"history.{i}": h.detach().cpu().contiguous() for i, h in enumerate(self.history)}
-        data = st_save(tensors, metadata={"format": STATE_FORMAT, "state": json.dumps(meta)})
+        metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
+        extra_tensors, extra_meta = self._extra_state()
+        clash = (set(extra_tensors) & set(tensors)) | (set(extra_meta) & set(metadata))
+        if clash:
+            raise SolverError(f"solver state entries {sorted(clash)} are reserved")
+        tensors.update(extra_tensors)
+        metadata.update(extra_meta)
+        data = st_save(tensors, metadata=metadata)
         try:
             atomic_write(path, data)
         except OSError as e:
             raise SolverError(f"cannot write solver state {path}: {e}") from None
+
+    def _extra_state(self) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+        """More tensors and metadata strings for the ``.solverstate`` (subclasses: e.g. the
+        Faster R-CNN trainer's loader position); names must not clash with the solver's."""
+        return {}, {}
 
     @staticmethod
     def _is_safetensors(data: bytes) -> bool:

@@ -392,26 +392,10 @@ class TrainSolver(Solver):
             cb(self, info)
         return models[0], state
 
-    def _write_state(self, path: str, model: str) -> None:
-        """The solver's ``.solverstate`` (same format, written once, atomically) plus
-        ``frcnn.*`` entries: the training ``bbox_pred``, the loss history and, in the
-        metadata, the minibatch loader's state."""
-        from safetensors.torch import save as st_save
-
-        from caffe_compat import solver as S
-        from caffe_compat.atomic import atomic_write
-
-        meta = {
-            "version": S.STATE_VERSION,
-            "type": self.type,
-            "iter": self.iter,
-            "current_step": self.current_step,
-            "learned_net": model,
-            "params": [[i.key, list(i.param.shape)] for i in self.net.learnable_params()],
-            "history_size": len(self.history),
-            "rng": self._rng_states(),
-        }
-        tensors = {f"history.{i}": h.detach().cpu().contiguous() for i, h in enumerate(self.history)}
+    def _extra_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        """``frcnn.*`` entries of the ``.solverstate``: the training ``bbox_pred``, the loss
+        history and, in the metadata, the minibatch loader's state."""
+        tensors: Dict[str, torch.Tensor] = {}
         extra: Dict[str, Any] = {}
         blobs = _bbox_pred_blobs(self.net) if self.bbox_stds is not None else None
         if blobs:
@@ -422,11 +406,7 @@ class TrainSolver(Solver):
             extra["loader"] = _jsonable(self.loader.state_dict())
         if self.monitor is not None and self.monitor.history:
             tensors["frcnn.history"] = torch.tensor(self.monitor.history, dtype=torch.float64)
-        metadata = {"format": S.STATE_FORMAT, "state": json.dumps(meta), "frcnn": json.dumps(extra)}
-        try:
-            atomic_write(path, st_save(tensors, metadata=metadata))
-        except OSError as e:
-            raise SolverError(f"cannot write solver state {path}: {e}") from None
+        return tensors, {"frcnn": json.dumps(extra)}
 
     def restore(self, state_path: str) -> None:
         """Restore a snapshot, including the normalized ``bbox_pred``, the loader position
