@@ -700,6 +700,21 @@ def test_write_failing_midway_keeps_previous_file(tmp_path, monkeypatch, ext):
     assert _no_temp_files(tmp_path) == []
 
 
+def test_atomic_writes_get_the_umask_permissions(tmp_path):
+    """Output files read like plain open()'s (0666 & ~umask), not mkstemp's private 0600."""
+    from caffe_compat.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.bin"), b"x")
+        os.umask(0o077)
+        atomic_write(str(tmp_path / "b.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
+
+
 def test_caffemodel_writer_raising_between_layers(tmp_path, monkeypatch):
     path = tmp_path / "snap.caffemodel"
     Net(SMALL, seed=1).save_weights(str(path))

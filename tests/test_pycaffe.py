@@ -140,8 +140,8 @@ def test_runner_aliases_and_main(tmp_path):
 
 
 def test_runner_missing_submodule(tmp_path):
-    s = _script(tmp_path, "import caffe.draw\n")
-    with pytest.raises(ModuleNotFoundError, match="caffe.draw"):
+    s = _script(tmp_path, "import caffe.no_such_module\n")
+    with pytest.raises(ModuleNotFoundError, match="caffe.no_such_module"):
         run_script(s, shadow=True)
 
 

@@ -483,6 +483,16 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
     det_file = os.path.join(output_dir, "detections.npz")
     save_detections(det_file, all_boxes, imdb.classes, list(imdb.image_index))
     emit(f"Wrote detections to {det_file}")
+    out = evaluate(imdb, all_boxes, output_dir, emit)
+    out.update(det_file=det_file, output_dir=output_dir, num_images=num_images, all_boxes=all_boxes,
+               im_detect_time=timers["im_detect"].average_time, misc_time=timers["misc"].average_time)
+    return out
+
+
+def evaluate(imdb: Any, all_boxes: Sequence[Sequence[Any]], output_dir: str,
+             emit: Callable[[str], None]) -> Dict[str, Any]:
+    """The imdb's evaluation as a dict with ``ap`` (per class) and ``mAP`` (also for data
+    sets whose evaluation returns something else)."""
     emit("Evaluating detections")
     result = imdb.evaluate_detections(all_boxes, output_dir)
     out: Dict[str, Any] = dict(result) if isinstance(result, dict) else {"evaluation": result}
@@ -490,8 +500,6 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
     if "mAP" not in out:
         vals = [v for v in out["ap"].values() if v is not None and not np.isnan(v)]
         out["mAP"] = float(np.mean(vals)) if vals else float("nan")
-    out.update(det_file=det_file, output_dir=output_dir, num_images=num_images, all_boxes=all_boxes,
-               im_detect_time=timers["im_detect"].average_time, misc_time=timers["misc"].average_time)
     return out
 
 
