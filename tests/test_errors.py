@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from caffe_compat import limits
 from caffe_compat import weights as W
-from caffe_compat.errors import (CaffeCompatError, GraphError, LimitError, ParseError, PythonLayerError,
+from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, LimitError, ParseError, PythonLayerError,
                                  SchemaError, ShapeError, SolverError, UnknownLayerError, WeightsError)
 from caffe_compat.io import read_binaryproto, read_net_text, read_solver_text
 from caffe_compat.net import Net
@@ -203,6 +203,55 @@ def _binaryproto_shape(d):
     b = caffe_pb2.BlobProto(num=1, channels=3, height=2, width=2)
     b.data.extend([0.5] * 10)
     return read_binaryproto(str(write(d, "mean.binaryproto", b.SerializeToString())))
+
+
+# ---- the tools added later: image sets, SVD compression, reval, fused nets
+def _imageset_bad_label(d: pathlib.Path):
+    from caffe_compat.imageset import convert_imageset
+
+    write(d, "list.txt", "a.jpg 1\nb.jpg cat\n")
+    return convert_imageset(str(d) + "/", str(d / "list.txt"), str(d / "db"))
+
+
+def _imageset_db_exists(d: pathlib.Path):
+    from caffe_compat.imageset import convert_imageset
+
+    write(d, "list.txt", "a.jpg 1\n")
+    (d / "db").mkdir()
+    return convert_imageset(str(d) + "/", str(d / "list.txt"), str(d / "db"))
+
+
+def _reval_empty(d: pathlib.Path):
+    from caffe_compat.frcnn.reval import find_detections
+
+    return find_detections(str(d))
+
+
+_FC = 'input: "data" input_shape { dim: 1 dim: 8 }\n'
+_FC_ORIG = _FC + 'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 4 } }'
+_FC_SVD = _FC + ('layer { name: "fc_L" type: "InnerProduct" bottom: "data" top: "fc_L" '
+                 'inner_product_param { num_output: 9 bias_term: false } }\n'
+                 'layer { name: "fc_U" type: "InnerProduct" bottom: "fc_L" top: "fc" inner_product_param { num_output: 4 } }')
+
+
+def _compress_rank(d: pathlib.Path):
+    from caffe_compat.frcnn.compress import compress_net
+
+    return compress_net(Net(_FC_ORIG), Net(_FC_SVD))
+
+
+_BN = ('input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }\n'
+       'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+       'convolution_param { num_output: 3 kernel_size: 1 } }\n'
+       'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }\n'
+       'layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }')
+
+
+def _unfused_into_fused(d: pathlib.Path):
+    net = Net(_BN)
+    net.save_weights(str(d / "unfused.caffemodel"))
+    net.fuse_batchnorm()
+    return net.load_weights(str(d / "unfused.caffemodel"))
 
 
 CASES: List[Case] = [
@@ -387,6 +436,18 @@ CASES: List[Case] = [
          _binaryproto_shape, WeightsError, r"blob declares shape \(1, 3, 2, 2\) but holds 10 values"),
     Case("limit-env", "limit environment variable that is not a number",
          _env_limit, LimitError, r"CAFFE_COMPAT_MAX_BLOB_ELEMENTS='lots' is not a number"),
+    Case("imageset-label", "convert-imageset list line whose label is not an integer",
+         _imageset_bad_label, DataError, r"bad label 'cat' for 'b\.jpg': labels are integers",
+         where=r"list\.txt:2$"),
+    Case("imageset-db-exists", "convert-imageset into an existing database",
+         _imageset_db_exists, DataError, r"the database already exists", where=r"db$"),
+    Case("reval-empty", "reval of a folder without saved detections",
+         _reval_empty, DataError, r"no detections in this folder \(expected detections\.npz"),
+    Case("compress-rank", "compress: an SVD rank above min(N, K)",
+         _compress_rank, SchemaError, r"rank l = num_output 9 of 'fc_L' must be in 1\.\.min\(N, K\) = "),
+    Case("unfused-into-fused", "unfused weights loaded into a net after fuse_batchnorm()",
+         _unfused_into_fused, WeightsError, r"the net has folded it \(folded into convolution 'conv' by "
+                                            r"fuse_batchnorm\(\)\): load the weights first", layer="bn"),
 ]
 
 
