@@ -50,11 +50,23 @@ class CudaGraphNet:
             self.inputs[k] = t.to(device=device, dtype=net.dtype).clone()
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
-        try:
-            with torch.no_grad(), torch.cuda.stream(side):
-                for _ in range(max(1, warmup)):   # lazy inits, cuDNN algorithm choice
+        with torch.no_grad(), torch.cuda.stream(side):
+            net.forward(**self.inputs)  # lazy inits and caches (may copy from the host once)
+            # a forward that synchronizes with the host cannot be captured: find out now, with
+            # a clear error, rather than by a failed capture
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(max(1, warmup)):
                     net.forward(**self.inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
+            except RuntimeError as e:
+                raise GraphError("this net cannot be captured as a CUDA graph (run it eagerly): its "
+                                 "forward synchronizes with the host (data-dependent shapes or host "
+                                 f"copies): {str(e).splitlines()[0]}") from None
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.current_stream(device).wait_stream(side)
+        try:
             self.graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(self.graph):
                 self.outputs: "OrderedDict[str, Tensor]" = net.forward(**self.inputs)
