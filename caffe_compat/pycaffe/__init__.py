@@ -11,6 +11,7 @@ Everything a legacy script uses from ``import caffe``:
   ``set_random_seed``, and ``layer_type_list``;
 - ``io`` (conversions, ``load_image``, ``Transformer``...), ``Classifier``, ``Detector``;
 - net specification: ``layers``, ``params``, ``NetSpec``, ``to_proto`` (module ``net_spec``);
+  ``coord_map``: ``coord_map_from_to`` and ``crop`` (FCN's aligning Crop layers);
 - ``draw``: ``get_pydot_graph``, ``draw_net``, ``draw_net_to_file`` (DOT text without pydot;
   images through Graphviz's ``dot`` where it is installed);
 - ``proto.caffe_pb2``: caffe-compat's schema (BVLC's fields plus the Fast R-CNN fork's).
@@ -64,7 +65,8 @@ _LAZY: Dict[str, Tuple[str, str]] = {
     "NetSpec": ("net_spec", "NetSpec"),
     "to_proto": ("net_spec", "to_proto"),
 }
-_SUBMODULES = ("io", "draw", "net_spec", "classifier", "detector", "pycaffe", "runner", "_caffe")
+_SUBMODULES = ("io", "draw", "net_spec", "coord_map", "classifier", "detector", "pycaffe", "runner",
+               "_caffe")
 
 
 def layer_type_list() -> List[str]:

@@ -4,8 +4,8 @@
 call :func:`run_script`: the script runs in this process as ``__main__`` with
 ``sys.argv = [SCRIPT.py, ARGS...]`` and its folder first on ``sys.path`` (as ``python
 SCRIPT.py`` would), while a meta-path finder maps ``caffe`` and every ``caffe.<sub>``
-(``caffe.proto.caffe_pb2``, ``caffe.io``, ``caffe.net_spec``, ``caffe.pycaffe``,
-``caffe.classifier``, ``caffe.detector``, ``caffe._caffe``) onto
+(``caffe.proto.caffe_pb2``, ``caffe.io``, ``caffe.net_spec``, ``caffe.coord_map``,
+``caffe.pycaffe``, ``caffe.classifier``, ``caffe.detector``, ``caffe._caffe``) onto
 :mod:`caffe_compat.pycaffe`.  Nothing is changed on disk and the finder is removed
 afterwards.
 
