@@ -61,10 +61,11 @@ def time_net(net, iterations: int = 50, *, backward: Optional[bool] = None, warm
     """Average forward (and backward, for nets with a loss) over ``iterations`` runs."""
     device = net.device
     feeds = inputs if inputs is not None else random_inputs(net)
-    if backward is None:
-        with torch.no_grad():
+    if backward is None:  # as Caffe: nets with a loss that reaches a parameter time backward too
+        with torch.enable_grad():
             net.forward(**feeds)
         backward = net.loss is not None and net.loss.requires_grad
+        net.loss = None
     ctx = torch.enable_grad if backward else torch.no_grad
     for _ in range(warmup):
         with ctx():
