@@ -90,7 +90,56 @@ def time_net(net, iterations: int = 50, *, backward: Optional[bool] = None, warm
     report = TimingReport(iterations, float(np.mean(fw)) * 1e3, float(np.mean(bw)) * 1e3 if bw else None)
     if per_layer:
         report.layer_forward_ms = _per_layer_forward(net, feeds, max(1, min(iterations, 10)), device)
+        if backward:
+            report.layer_backward_ms = _per_layer_backward(net, feeds, max(1, min(iterations, 10)), device)
     return report
+
+
+def _per_layer_backward(net, feeds, iterations: int, device) -> "OrderedDict[str, float]":
+    """Each layer's backward alone, as Caffe times ``Layer::Backward``: one forward whose
+    layers see detached copies of their bottoms (so every layer has its own graph), then
+    per layer the gradient of its tops (all-ones top diffs) to its bottoms and parameters."""
+    records: Dict[str, tuple] = OrderedDict()
+    hooks = []
+
+    def pre(mod, args):
+        # a bottom gets a diff only where the net's pass would compute one (propagate_down)
+        return tuple(a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                     for a in args)
+
+    def post(name):
+        def fn(mod, args, out):
+            outs = (out,) if torch.is_tensor(out) else tuple(out)
+            records[name] = ([a for a in args if torch.is_tensor(a) and a.requires_grad],
+                             [p for p in mod.parameters() if p.requires_grad],
+                             [o for o in outs if torch.is_tensor(o) and o.requires_grad])
+        return fn
+
+    for e in net.entries:
+        if e.module is not None and not e.module.accepts_feed:
+            hooks.append(e.module.register_forward_pre_hook(pre))
+            hooks.append(e.module.register_forward_hook(post(e.name)))
+    try:
+        with torch.enable_grad():
+            net.forward(**feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    times: Dict[str, List[float]] = OrderedDict()
+    with net.precision():
+        for _ in range(iterations):
+            for name in reversed(list(records)):
+                bottoms, params, outs = records[name]
+                if not outs or not (bottoms or params):
+                    continue
+                _sync(device)
+                t0 = time.perf_counter()
+                torch.autograd.grad(outs, bottoms + params, [torch.ones_like(o) for o in outs],
+                                    retain_graph=True, allow_unused=True)
+                _sync(device)
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+    net.loss = None
+    return OrderedDict((k, float(np.mean(times[k])) * 1e3) for k in records if k in times)
 
 
 def _per_layer_forward(net, feeds, iterations: int, device) -> "OrderedDict[str, float]":

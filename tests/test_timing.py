@@ -17,6 +17,8 @@ def test_nets_with_a_loss_time_backward_too():
     r = time_net(net, 2, warmup=1)
     assert r.backward_ms is not None and r.backward_ms >= 0
     assert list(r.layer_forward_ms) == ["ip", "loss"]
+    assert set(r.layer_backward_ms) == {"ip", "loss"}  # Caffe's per-layer backward lines
+    assert "\tbackward: " in "\n".join(r.lines())
     assert any(line.startswith("Average Forward-Backward") for line in r.lines())
 
 
