@@ -12,6 +12,7 @@ The builder knows nothing about individual layer types: it only uses the Layer c
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from caffe_compat.limits import check_shape
 from caffe_compat.net_state import filter_net, make_state
 from caffe_compat.precision import exact_fp32
 from caffe_compat.protos import caffe_pb2
+
+log = logging.getLogger(__name__)
 
 ModelSource = Union[str, "os.PathLike[str]", "caffe_pb2.NetParameter"]
 
@@ -214,6 +217,21 @@ class Net(nn.Module):
         self.output_names: List[str] = sorted(available)
         self._by_name = {e.name: e for e in self.entries}
         del force_backward
+        self.warnings = self._lint()
+
+    def _lint(self) -> List[str]:
+        """Each layer's own wiring warnings (``Layer.lint``), logged once and kept in
+        ``net.warnings``."""
+        producer: Dict[str, str] = {}
+        found: List[str] = []
+        for e in self.entries:
+            if e.module is not None:
+                for w in e.module.lint([producer.get(b) for b in e.bottoms]):
+                    found.append(f"layer '{e.name}': {w}")
+                    log.warning("%s", found[-1])
+            for t in e.tops:
+                producer[t] = e.type
+        return found
 
     def _infer(self, module: Layer, bottom_shapes, name: str) -> List[Optional[Shape]]:
         if module.accepts_feed:

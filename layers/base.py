@@ -116,6 +116,12 @@ class Layer(nn.Module):
         return [getattr(self, n) for n in self.blob_names]
 
     # ------------------------------------------------------------------ contract
+    def lint(self, bottom_producers: Sequence[Optional[str]]) -> List[str]:
+        """Warnings about how this layer is wired (``bottom_producers``: the type of the layer
+        that wrote each bottom, None for net inputs); the net logs them after building.
+        Nothing is wrong with the wiring by default."""
+        return []
+
     def infer_top_shapes(self, bottom_shapes: Sequence[Shape],
                          bottom_dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Shape]:
         """Top shapes for these bottom shapes (Caffe's Reshape); default: run on meta."""

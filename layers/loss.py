@@ -161,6 +161,12 @@ class SoftmaxWithLoss(_LossBase):
     Top 1 (optional) is the softmax probability; like Caffe, its diff is ignored in backward.
     """
 
+    def lint(self, bottom_producers):
+        if bottom_producers and bottom_producers[0] == "Softmax":
+            return ["bottom 0 is already a Softmax output and SoftmaxWithLoss applies softmax "
+                    "itself: the probabilities are softmaxed twice (feed it the scores)"]
+        return []
+
     exact_tops = None
     min_tops = 1
     max_tops = 2
@@ -340,6 +346,15 @@ class InfogainLoss(_LossBase):
     ``loss_param.ignore_label`` and ``normalization`` (default VALID) as in SoftmaxWithLoss;
     the legacy ``normalize`` flag is refused as in master.  Top 1 (optional): the softmax.
     """
+
+    def lint(self, bottom_producers):
+        # BVLC Caffe before 2017 (and the Fast R-CNN fork) took probabilities here, so old
+        # models put a Softmax in front; master, which this follows, applies softmax itself
+        if bottom_producers and bottom_producers[0] == "Softmax":
+            return ["bottom 0 is a Softmax output, but InfogainLoss applies softmax itself (BVLC "
+                    "master; Caffe before 2017 took probabilities): the probabilities are softmaxed "
+                    "twice; feed it the scores, as current Caffe expects"]
+        return []
 
     exact_bottoms = None
     min_bottoms = 2
