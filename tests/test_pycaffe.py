@@ -573,3 +573,35 @@ def test_gpu_mode_matches_cpu(tmp_path):
         results.append((out["a"].copy(), d["data"].copy(), n.params["ip"][0].diff.copy()))
     for c, g in zip(*results):
         np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6)
+
+
+def test_process_functions_of_a_build_without_nccl(capsys):
+    import caffe_compat.pycaffe as caffe
+
+    assert caffe.has_nccl() is False
+    with pytest.raises(RuntimeError, match="not available in caffe-compat"):
+        caffe.NCCL(None, b"")
+    caffe.set_solver_count(1)
+    caffe.set_solver_rank(0)
+    caffe.set_multiprocess(False)
+    assert (caffe.solver_count(), caffe.solver_rank()) == (1, 0)
+    t = caffe.Timer()
+    t.start()
+    assert t.ms >= 0
+    t.stop()
+    stopped = t.ms
+    assert stopped >= 0 and t.ms == stopped  # frozen once stopped
+    import logging
+
+    lg = logging.getLogger("caffe_compat")
+    handlers, level = list(lg.handlers), lg.level
+    try:
+        caffe.init_log(0, True)
+        caffe.log("hello from a pycaffe script")
+        assert "hello from a pycaffe script" in capsys.readouterr().err
+        caffe.init_log(1)   # WARNING and above only
+        caffe.log("quiet now")
+        assert "quiet now" not in capsys.readouterr().err
+    finally:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)

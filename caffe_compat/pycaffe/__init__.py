@@ -8,7 +8,8 @@ Everything a legacy script uses from ``import caffe``:
 - solvers: ``SGDSolver``, ``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``,
   ``AdaDeltaSolver``, ``AdamSolver``, ``get_solver``;
 - the process switches ``set_mode_cpu``, ``set_mode_gpu``, ``set_device``,
-  ``set_random_seed``, and ``layer_type_list``;
+  ``set_random_seed``, and ``layer_type_list``; ``init_log``/``log``, ``Timer``, and the
+  multi-GPU switches of a build without NCCL (``has_nccl()`` False, ``NCCL`` refuses);
 - ``io`` (conversions, ``load_image``, ``Transformer``...), ``Classifier``, ``Detector``;
 - net specification: ``layers``, ``params``, ``NetSpec``, ``to_proto`` (module ``net_spec``);
   ``coord_map``: ``coord_map_from_to`` and ``crop`` (FCN's aligning Crop layers);
@@ -64,6 +65,16 @@ _LAZY: Dict[str, Tuple[str, str]] = {
     "params": ("net_spec", "params"),
     "NetSpec": ("net_spec", "NetSpec"),
     "to_proto": ("net_spec", "to_proto"),
+    "init_log": ("_process", "init_log"),
+    "log": ("_process", "log"),
+    "has_nccl": ("_process", "has_nccl"),
+    "set_solver_count": ("_process", "set_solver_count"),
+    "solver_count": ("_process", "solver_count"),
+    "set_solver_rank": ("_process", "set_solver_rank"),
+    "solver_rank": ("_process", "solver_rank"),
+    "set_multiprocess": ("_process", "set_multiprocess"),
+    "NCCL": ("_process", "NCCL"),
+    "Timer": ("_process", "Timer"),
 }
 _SUBMODULES = ("io", "draw", "net_spec", "coord_map", "classifier", "detector", "pycaffe", "runner",
                "_caffe")
