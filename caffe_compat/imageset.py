@@ -33,7 +33,8 @@ from caffe_compat.protos import caffe_pb2
 
 __all__ = ["ImageEntry", "read_image_list", "read_image", "image_to_datum", "convert_imageset",
            "ConvertResult", "datum_to_array", "compute_image_mean", "MeanResult",
-           "encode_mean_blob", "DEFAULT_SEED", "COMMIT_EVERY"]
+           "encode_mean_blob", "DEFAULT_SEED", "COMMIT_EVERY", "LmdbWriter", "new_db_folder",
+           "check_new_db", "refuse_backend"]
 
 #: ``--shuffle`` seed when none is given (Caffe's shuffle was unseeded)
 DEFAULT_SEED = 0
@@ -49,10 +50,11 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _refuse_backend(backend: str) -> None:
+def refuse_backend(backend: str, use: str = "--backend lmdb") -> None:
+    """Accept ``lmdb`` only; ``use`` is what the error tells the user to write instead."""
     if backend.lower() == "leveldb":
         raise SchemaError("the leveldb backend is not supported: caffe-compat reads and writes "
-                          "LMDB only (use --backend lmdb; the Data layer reads LMDB too)")
+                          f"LMDB only (use {use}; the Data layer reads LMDB too)")
     if backend.lower() != "lmdb":
         raise SchemaError(f"unknown backend '{backend}'", expected="lmdb (or leveldb, unsupported)")
 
@@ -160,7 +162,7 @@ def image_to_datum(filename: str, img: np.ndarray, label: int, *, encoding: str 
 
 # ----------------------------------------------------------------------------- LMDB writing
 
-class _LmdbWriter:
+class LmdbWriter:
     """Puts records in batches of ``COMMIT_EVERY``, doubling the map size when one does not fit."""
 
     def __init__(self, path: str, map_size: int):
@@ -188,10 +190,10 @@ class _LmdbWriter:
         self.env.close()
 
 
-def _check_new_db(db: str) -> str:
+def check_new_db(db: str, tool: str = "convert_imageset") -> str:
     """The folder ``db`` will be created in; refuses an existing ``db`` or a missing folder."""
     if os.path.lexists(db):
-        raise DataError("the database already exists; convert_imageset creates a new one "
+        raise DataError(f"the database already exists; {tool} creates a new one "
                         "(as Caffe, which fails on its mkdir): remove it or choose another name",
                         where=db)
     parent = os.path.dirname(os.path.abspath(db))
@@ -200,9 +202,9 @@ def _check_new_db(db: str) -> str:
     return parent
 
 
-def _new_db_folder(db: str) -> str:
+def new_db_folder(db: str, tool: str = "convert_imageset") -> str:
     """A temporary folder beside ``db`` (renamed to ``db`` when complete); refuses existing ``db``."""
-    parent = _check_new_db(db)
+    parent = check_new_db(db, tool)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(db)) + ".", suffix=".tmp",
                            dir=parent)
     mask = os.umask(0)
@@ -230,8 +232,8 @@ def convert_imageset(root: str, listfile: str, db: str, *, gray: bool = False, s
     existing folder without a trailing ``/`` gets one.  Unreadable images are skipped with a
     warning (Caffe logs and skips them too).  ``encode_type`` implies ``encoded``.
     """
-    _refuse_backend(backend)
-    _check_new_db(db)
+    refuse_backend(backend)
+    check_new_db(db)
     if (resize_width > 0) != (resize_height > 0):
         raise SchemaError("--resize_width and --resize_height go together (Caffe resizes only "
                           "when both are given)")
@@ -259,10 +261,10 @@ def convert_imageset(root: str, listfile: str, db: str, *, gray: bool = False, s
         entries = [entries[i] for i in perm]
     log(f"A total of {len(entries)} images.")
     result = ConvertResult(total=len(entries), written=0, order_seed=seed if shuffle else None)
-    tmp = _new_db_folder(db)
+    tmp = new_db_folder(db)
     writer = None
     try:
-        writer = _LmdbWriter(tmp, map_size)
+        writer = LmdbWriter(tmp, map_size)
         first_shape: Optional[Tuple[int, ...]] = None
         for line_id, e in enumerate(entries):
             filename = root + e.path
@@ -376,7 +378,7 @@ def compute_image_mean(db: str, out: Optional[str] = None, *, backend: str = "lm
     Every record must have the first one's shape (Caffe only compares sizes; a differently
     shaped image is refused here).  ``out``, when given, gets the BlobProto, atomically.
     """
-    _refuse_backend(backend)
+    refuse_backend(backend)
     acc: Optional[np.ndarray] = None
     shape: Tuple[int, ...] = ()
     count = 0
