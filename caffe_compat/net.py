@@ -311,7 +311,27 @@ class Net(nn.Module):
             return t.device
         for t in self.buffers():
             return t.device
-        return torch.device("cpu")
+        # a net without parameters (ReLU, Softmax...) remembers where it was moved
+        return self.__dict__.get("_moved_to") or torch.device("cpu")
+
+    def to(self, *args, **kwargs) -> "Net":
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self.__dict__["_moved_to"] = torch.device(device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None) -> "Net":
+        super().cuda(device)
+        if device is None:
+            device = torch.cuda.current_device()
+        self.__dict__["_moved_to"] = torch.device("cuda", device) if isinstance(device, int) \
+            else torch.device(device)
+        return self
+
+    def cpu(self) -> "Net":
+        super().cpu()
+        self.__dict__["_moved_to"] = torch.device("cpu")
+        return self
 
     @property
     def dtype(self) -> torch.dtype:

@@ -111,3 +111,16 @@ def test_nsfw_resnet50_on_cuda():
         with torch.no_grad():
             prob = net.forward(data=torch.from_numpy(nsfw_input()).cuda())["prob"].cpu().numpy()
         np.testing.assert_allclose(prob, g["blob/prob"], rtol=1e-5, err_msg=layout)
+
+
+def test_a_net_without_parameters_remembers_its_device():
+    net = Net('input: "data" input_shape { dim: 1 dim: 3 } '
+              'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }')
+    assert net.device.type == "cpu"
+    assert net.to(torch.float64) is net and net.device.type == "cpu"
+    if torch.cuda.is_available():
+        net.to("cuda")
+        assert net.device.type == "cuda"
+        out = net.forward(data=[[1.0, -2.0, 3.0]])["r"]   # a list becomes a tensor on the net's device
+        assert out.device.type == "cuda"
+        assert net.cpu().device.type == "cpu"
