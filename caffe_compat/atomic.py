@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Tuple
 
 
 def _umask() -> int:
@@ -17,32 +17,67 @@ def _umask() -> int:
     return mask
 
 
+def _temp_next_to(path: str) -> Tuple[int, str, str]:
+    """(fd, temp path, folder) of a new temp file beside ``path``, with open()'s permissions."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    # mkstemp makes the file 0600; the result should get what open() would give it
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp, folder
+
+
+def _replace_synced(tmp: str, path: str, folder: str) -> None:
+    """Rename ``tmp`` over ``path`` and make the rename durable (fsync the folder)."""
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def _unlink_quietly(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 @contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open a temp file next to ``path``; on clean exit it replaces ``path`` atomically."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp, folder = _temp_next_to(path)
     try:
-        # mkstemp makes the file 0600; the result should get what open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-            pass
+        _replace_synced(tmp, path, folder)
     except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temp file name next to ``path`` for writers that want a name, not a file object
+    (h5py); once the block exits cleanly (the writer has closed it), the file is synced and
+    replaces ``path`` atomically; on any failure it is removed."""
+    fd, tmp, folder = _temp_next_to(path)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _replace_synced(tmp, path, folder)
+    except BaseException:
+        _unlink_quietly(tmp)
         raise
 
 

@@ -19,6 +19,14 @@ solverstate is this project's format, a safetensors file: the history tensors (C
 weights file name and every random generator's state, so that a restored run continues
 bit-identically.  Caffe's own binaryproto ``.solverstate`` files can be restored too
 (without generator states, which Caffe does not keep either).
+
+``snapshot_format: HDF5`` writes Caffe's HDF5 snapshots instead,
+``{prefix}_iter_{N}.caffemodel.h5`` and ``{prefix}_iter_{N}.solverstate.h5``
+(``caffe_compat.hdf5_format``; needs h5py), and :meth:`Solver.restore` reads them (any
+state named ``*.h5``, as Caffe decides).  That state, like Caffe's, has no random generator
+states: a resume from it is exact in weights, history, iteration and learning-rate step, but
+random draws (dropout masks, data shuffling) continue from the process's current generators,
+not from where the interrupted run was.
 """
 from __future__ import annotations
 
@@ -220,8 +228,9 @@ class Solver:
         if self.type == "RMSProp" and not 0 <= p.rms_decay < 1:
             raise SolverError(f"rms_decay should lie in [0, 1), got {p.rms_decay:g}")
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            raise SolverError("snapshot_format HDF5 is not supported; use BINARYPROTO (the default): "
-                              "weights are written as .caffemodel and the solver state as .solverstate")
+            from caffe_compat.hdf5_format import h5py_module
+
+            h5py_module(SolverError, "snapshot_format: HDF5 snapshots")  # fail now, not at a snapshot
         if p.snapshot < 0:
             raise SolverError(f"snapshot interval must not be negative, got {p.snapshot}")
         if p.snapshot:
@@ -710,22 +719,32 @@ class Solver:
     def snapshot_filename(self, extension: str) -> str:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
+    @property
+    def _hdf5_snapshots(self) -> bool:
+        return self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+
     def snapshot(self) -> Tuple[str, str]:
-        """Write ``{prefix}_iter_{N}.caffemodel`` and ``.solverstate`` (each atomically)."""
-        model = self.snapshot_filename(".caffemodel")
+        """Write ``{prefix}_iter_{N}.caffemodel`` and ``.solverstate`` (each atomically), or
+        with ``snapshot_format: HDF5`` Caffe's ``.caffemodel.h5`` and ``.solverstate.h5``."""
+        hdf5 = self._hdf5_snapshots
+        kind = "HDF5" if hdf5 else "binary proto"
+        model = self.snapshot_filename(".caffemodel.h5" if hdf5 else ".caffemodel")
         folder = os.path.dirname(os.path.abspath(model))
         if not os.path.isdir(folder):
             raise SolverError(f"cannot write snapshot {model}: directory {folder} does not exist")
         if not self.param.snapshot_prefix:
             log.warning("snapshot_prefix is not set: writing %s in the current directory", model)
-        log.info("Snapshotting to binary proto file %s", model)
+        log.info("Snapshotting to %s file %s", kind, model)
         try:
             self.net.save_weights(model)
         except OSError as e:
             raise SolverError(f"cannot write snapshot {model}: {e}") from None
-        state = self.snapshot_filename(".solverstate")
-        log.info("Snapshotting solver state to binary proto file %s", state)
-        self._write_state(state, model)
+        state = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
+        log.info("Snapshotting solver state to %s file %s", kind, state)
+        if hdf5:
+            self._write_state_hdf5(state, model)
+        else:
+            self._write_state(state, model)
         self._last_snapshot_iter = self.iter
         info = SnapshotInfo(self.iter, model, state)
         for cb in self._callbacks["snapshot"]:
@@ -785,6 +804,17 @@ class Solver:
         except OSError as e:
             raise SolverError(f"cannot write solver state {path}: {e}") from None
 
+    def _write_state_hdf5(self, path: str, model: str) -> None:
+        """Caffe's HDF5 solver state: iteration, step, weights file name and history only
+        (no generator states, no ``_extra_state``: Caffe's layout has no place for them)."""
+        from caffe_compat.hdf5_format import write_solver_state_hdf5
+
+        try:
+            write_solver_state_hdf5(path, iteration=self.iter, current_step=self.current_step,
+                                    learned_net=model, history=self._caffe_history())
+        except OSError as e:
+            raise SolverError(f"cannot write solver state {path}: {e}") from None
+
     def _extra_state(self) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         """More tensors and metadata strings for the ``.solverstate`` (subclasses: e.g. the
         Faster R-CNN trainer's loader position); names must not clash with the solver's."""
@@ -800,12 +830,18 @@ class Solver:
     def restore(self, state_path: str) -> None:
         """Restore a snapshot: weights, iteration, step counter, history and RNG states.
 
-        Reads this project's ``.solverstate`` (safetensors) or Caffe's binaryproto one.
+        Reads this project's ``.solverstate`` (safetensors), Caffe's binaryproto one, or
+        Caffe's HDF5 one (named ``*.h5``, or HDF5 content; it has no RNG states, so random
+        draws after the resume differ from the uninterrupted run's).
         """
+        from caffe_compat.hdf5_format import looks_like_hdf5
+
         state_path = os.fspath(state_path)
-        if state_path.endswith(".h5"):
-            raise SolverError("HDF5 solver states are not supported; use a .solverstate file",
-                              where=state_path)
+        if state_path.endswith(".h5") or looks_like_hdf5(state_path):
+            self._restore_hdf5(state_path)
+            log.info("Restored solver state at iteration %d from %s (HDF5: no random generator "
+                     "states)", self.iter, state_path)
+            return
         try:
             with open(state_path, "rb") as f:
                 data = f.read()
@@ -827,11 +863,61 @@ class Solver:
                           "(looked relative to the current directory and next to the state file)",
                           where=state_path)
 
-    def _load_history(self, arrays: List[Tensor], state_path: str) -> None:
-        if len(arrays) != len(self.history):
+    def _caffe_history_slots(self) -> List[Tuple[Optional[int], Tensor]]:
+        """Caffe's history layout: one slot per blob the net owns (its ``learnable_params_``,
+        net order), buffers such as BatchNorm's statistics included.  Each slot is (index in
+        ``learnable_params()`` or None for a buffer, which this solver never updates; blob)."""
+        index = {id(info.param): k for k, info in enumerate(self.net.learnable_params())}
+        seen: set = set()
+        slots: List[Tuple[Optional[int], Tensor]] = []
+        for e in self.net.entries:
+            for t in (e.module.caffe_blobs() if e.module is not None else []):
+                if id(t) not in seen:  # a sharer's blob is its owner's slot
+                    seen.add(id(t))
+                    slots.append((index.get(id(t)), t))
+        return slots
+
+    def _history_blocks(self) -> int:
+        return 2 if self.type in ("AdaDelta", "Adam") else 1
+
+    def _caffe_history(self) -> List[Tensor]:
+        """The history in Caffe's layout (what Caffe's solver states hold): zeros for buffers."""
+        n = len(self.net.learnable_params())
+        out: List[Tensor] = []
+        for b in range(self._history_blocks()):
+            for k, t in self._caffe_history_slots():
+                out.append(self.history[b * n + k] if k is not None
+                           else torch.zeros(t.shape, dtype=self.history[0].dtype if self.history
+                                            else t.dtype))
+        return out
+
+    def _from_caffe_history(self, arrays: List[Tensor], state_path: str) -> List[Tensor]:
+        """``arrays`` in this solver's layout: a state in Caffe's layout (which has slots for
+        buffers, e.g. BatchNorm statistics) loses the buffers' entries."""
+        if len(arrays) == len(self.history):
+            return arrays
+        slots = self._caffe_history_slots()
+        blocks = self._history_blocks()
+        if len(arrays) != blocks * len(slots):
+            extra = (f" (or {blocks * len(slots)} in Caffe's layout, which also counts buffers such as "
+                     "BatchNorm statistics)" if blocks * len(slots) != len(self.history) else "")
             raise SolverError(f"incorrect number of history blobs: the state has {len(arrays)}, a "
-                              f"{self.type} solver on this net needs {len(self.history)} (another "
-                              "solver type or net?)", where=state_path)
+                              f"{self.type} solver on this net needs {len(self.history)}{extra} "
+                              "(another solver type or net?)", where=state_path)
+        n = len(self.net.learnable_params())
+        out: List[Tensor] = list(self.history)  # every entry is replaced below
+        for b in range(blocks):
+            for j, (k, t) in enumerate(slots):
+                a = arrays[b * len(slots) + j]
+                if k is not None:
+                    out[b * n + k] = a
+                elif a.numel() != t.numel():
+                    raise SolverError(f"history blob {b * len(slots) + j} has {a.numel()} values, "
+                                      f"expected {t.numel()} (shape {tuple(t.shape)})", where=state_path)
+        return out
+
+    def _load_history(self, arrays: List[Tensor], state_path: str) -> None:
+        arrays = self._from_caffe_history(arrays, state_path)
         for i, (h, a) in enumerate(zip(self.history, arrays)):
             if a.numel() != h.numel():
                 raise SolverError(f"history blob {i} has {a.numel()} values, expected {h.numel()} "
@@ -861,12 +947,8 @@ class Solver:
             raise SolverError(f"the state was written by a {state.get('type')} solver, this one is "
                               f"{self.type}", where=state_path)
         hist = [tensors[f"history.{i}"] for i in range(int(state["history_size"]))]
-        learned = state.get("learned_net")
-        if learned:
-            self.net.load_weights(self._learned_net_path(state_path, learned))
-        self._load_history(hist, state_path)
-        self.iter = int(state["iter"])
-        self.current_step = int(state.get("current_step", 0))
+        self._apply_restored(state_path, state.get("learned_net"), hist, int(state["iter"]),
+                             int(state.get("current_step", 0)))
         self._set_rng_states(state.get("rng", {}))
 
     def _restore_caffe(self, state_path: str, data: bytes) -> None:
@@ -876,12 +958,26 @@ class Solver:
             st = parse_binary(data, caffe_pb2.SolverState(), state_path)
         except CaffeCompatError as e:
             raise SolverError(f"not a solver state: {e.message}", where=state_path) from None
-        if st.HasField("learned_net"):
-            self.net.load_weights(self._learned_net_path(state_path, st.learned_net))
         arrays = [torch.from_numpy(np.array(blob_to_array(b, where=state_path))) for b in st.history]
-        self._load_history(arrays, state_path)
-        self.iter = int(st.iter)
-        self.current_step = int(st.current_step)
+        self._apply_restored(state_path, st.learned_net if st.HasField("learned_net") else None,
+                             arrays, int(st.iter), int(st.current_step))
+
+    def _restore_hdf5(self, state_path: str) -> None:
+        from caffe_compat.hdf5_format import read_solver_state_hdf5
+
+        iteration, step, learned, history = read_solver_state_hdf5(state_path)
+        self._apply_restored(state_path, learned, [torch.from_numpy(a) for a in history],
+                             iteration, step)
+
+    def _apply_restored(self, state_path: str, learned: Optional[str], history: List[Tensor],
+                        iteration: int, current_step: int) -> None:
+        """What every state format restores: the weights file it names (looked up like
+        Caffe, then next to the state), the history, the iteration and the step counter."""
+        if learned:
+            self.net.load_weights(self._learned_net_path(state_path, learned))
+        self._load_history(history, state_path)
+        self.iter = iteration
+        self.current_step = current_step
 
 
 def get_solver(solver: SolverSource, **kw) -> Solver:

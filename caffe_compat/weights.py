@@ -1,4 +1,5 @@
-"""Weights in and out: ``.caffemodel`` <-> nets <-> ``.pt`` / ``.safetensors``.
+"""Weights in and out: ``.caffemodel`` <-> nets <-> ``.pt`` / ``.safetensors`` (and Caffe's
+HDF5 ``.h5`` layout, in ``caffe_compat.hdf5_format``).
 
 Reading a caffemodel does not go through protobuf for the blob payloads: a VGG16 file is
 ~550 MB of packed floats, which protobuf's Python runtime would turn into lists.  The
@@ -97,7 +98,7 @@ class CaffeBlob:
 class CaffeLayerWeights:
     name: str
     type: str
-    blobs: List[CaffeBlob] = field(default_factory=list)
+    blobs: List[Optional[CaffeBlob]] = field(default_factory=list)  # None: absent (HDF5 sharers)
     param: Optional[object] = None  # the layer's LayerParameter / V1LayerParameter (no blobs)
 
 
@@ -246,8 +247,13 @@ def _copy_blob(target: torch.Tensor, data: np.ndarray, chunk: int = 1 << 22,
     """Copy a (memory-mapped) blob into ``target`` in chunks, dropping copied file pages.
 
     Chunking keeps a load's peak memory near the net's own size even for VGG16's 400 MB
-    fc6 blob: at most one chunk of the file is resident beside the copies.
+    fc6 blob: at most one chunk of the file is resident beside the copies.  A source with a
+    ``copy_into(target, chunk, check)`` method (an HDF5 dataset) reads itself chunk by chunk.
     """
+    copy_into = getattr(data, "copy_into", None)
+    if copy_into is not None:
+        copy_into(target, chunk, check)
+        return
     src = np.asarray(data).reshape(-1)
     with torch.no_grad(), warnings.catch_warnings():  # read-only views of the map; copy_ copies
         warnings.simplefilter("ignore", UserWarning)
@@ -316,6 +322,8 @@ def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
             size = len(buf)
     if size == 0:
         raise ParseError("empty file, expected a binary .caffemodel", where=path)
+    if _hdf5_hint(buf):
+        raise ParseError(f"not a binary caffemodel{_hdf5_hint(buf)}", where=path)
     name = ""
     layers: List[CaffeLayerWeights] = []
     try:
@@ -330,7 +338,8 @@ def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
                 except CaffeCompatError as e:
                     raise e.located(where=path, layer=_layer_name_guess(buf, a, b, num == 2)) from None
     except (ValueError, IndexError, OverflowError) as e:
-        raise ParseError(f"corrupt or truncated caffemodel: {e}{_text_hint(buf)}", where=path) from None
+        raise ParseError(f"corrupt or truncated caffemodel: {e}{_text_hint(buf) or _hdf5_hint(buf)}",
+                         where=path) from None
     if not layers and _text_hint(buf):
         raise ParseError(f"no layers found{_text_hint(buf)}", where=path)
     return name, layers
@@ -565,31 +574,73 @@ def load_caffemodel_into(net, path: str, *, allow_missing: bool = False,
     ``$CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS=1``).
     """
     path = os.fspath(path)
-    finite = _want_finite_check(check_finite)
     _, layers = read_caffemodel(path)
+    return load_layers_into(net, layers, path, allow_missing=allow_missing, check_finite=check_finite)
+
+
+def shared_non_owners(net) -> set:
+    """``(layer, blob index)`` of every blob that shares (``param { name }``) a tensor an
+    earlier layer owns: Caffe's HDF5 writer stores only owners, so these may be absent."""
+    seen: set = set()
+    out: set = set()
+    for e in net.entries:
+        if e.module is None:
+            continue
+        for i, t in enumerate(e.module.caffe_blobs()):
+            if id(t) in seen:
+                out.add((e.name, i))
+            seen.add(id(t))
+    return out
+
+
+def load_layers_into(net, layers: List[CaffeLayerWeights], path: str, *, allow_missing: bool = False,
+                     check_finite: Optional[bool] = None, sparse: bool = False) -> List[str]:
+    """Copy ``layers``' blobs into ``net`` by layer name, with the policy of
+    :func:`load_caffemodel_into` (shared by every Caffe weights format).
+
+    ``sparse`` (HDF5): a blob may be ``None`` (or the list short) where the net's blob
+    shares an earlier layer's tensor -- Caffe's ``ToHDF5`` stores owners only -- and a
+    layer whose blobs are all such sharers counts as loaded.  ``blob.data`` may be any
+    array-like (an h5py dataset is read when copied).
+    """
+    finite = _want_finite_check(check_finite)
     notes: List[str] = []
     loaded = set()
+    sharers = shared_non_owners(net) if sparse else set()
     for lw in layers:  # before copying anything: unfused weights into a fused net
         entry = net._by_name.get(lw.name)
-        if lw.blobs and entry is not None and entry.module is None \
+        if any(b is not None for b in lw.blobs) and entry is not None and entry.module is None \
                 and entry.unbuilt_reason.startswith("folded into"):
             raise WeightsError("the file holds this layer's own blobs, but the net has folded it "
                                f"({entry.unbuilt_reason.split(' (')[0]}): load the weights first, "
                                "then call fuse_batchnorm()", where=path, layer=lw.name)
     for lw in layers:
-        if not lw.blobs:
+        if not lw.blobs and not sparse:
             continue
         entry = net._by_name.get(lw.name)
         if entry is None or entry.module is None:
-            notes.append(f"ignoring source layer '{lw.name}' (not in the net)")
+            if any(b is not None for b in lw.blobs):
+                notes.append(f"ignoring source layer '{lw.name}' (not in the net)")
             continue
         targets = entry.module.caffe_blobs()
-        if len(targets) != len(lw.blobs):
-            raise WeightsError(f"incompatible number of blobs: the file has {len(lw.blobs)}, "
+        blobs = list(lw.blobs)
+        if sparse and len(blobs) < len(targets):
+            blobs += [None] * (len(targets) - len(blobs))
+        if len(targets) != len(blobs):
+            held = sum(b is not None for b in blobs)
+            raise WeightsError(f"incompatible number of blobs: the file has {held}, "
                                f"the net's {entry.type} layer has {len(targets)}", where=path, layer=lw.name)
-        for i, (t, blob) in enumerate(zip(targets, lw.blobs)):
+        names = entry.module.blob_names
+        for i, (t, blob) in enumerate(zip(targets, blobs)):
+            attr = names[i] if i < len(names) else f"blob{i}"
+            if blob is None:
+                if (lw.name, i) in sharers:
+                    continue  # shares an earlier layer's tensor, stored there
+                held = sum(b is not None for b in blobs)
+                raise WeightsError(f"incompatible number of blobs: the file lacks blob {i} ('{attr}') "
+                                   f"of the net's {entry.type} layer (it holds {held} of "
+                                   f"{len(targets)})", where=path, layer=lw.name, blob=i)
             if not _shape_matches(tuple(t.shape), blob):
-                attr = entry.module.blob_names[i] if i < len(entry.module.blob_names) else f"blob{i}"
                 raise WeightsError(f"shape mismatch for '{attr}': the net expects {tuple(t.shape)}, "
                                    f"the file has {blob.shape}", where=path, layer=lw.name, blob=i)
             check = (lambda part, i=i: check_finite_array(part, where=path, layer=lw.name, blob=i)) \
@@ -690,6 +741,19 @@ def _file_kind_hint(path: str) -> str:
                 "not a weights file")
     if head[:1] in (b"\x0a", b"\xa2"):
         return "; it looks like a binary caffemodel: name it .caffemodel"
+    return _hdf5_hint(head)
+
+
+#: Caffe reads any weights file whose name ends like this as HDF5 (CopyTrainedLayersFrom)
+HDF5_SUFFIX = ".h5"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _hdf5_hint(head) -> str:
+    """'; it looks like an HDF5 file ...' for HDF5 content under another name."""
+    if bytes(head[:8]) == HDF5_SIGNATURE:
+        return ("; it looks like an HDF5 file: Caffe's HDF5 weights must be named *.h5 "
+                "(e.g. model.caffemodel.h5)")
     return ""
 
 
@@ -751,7 +815,8 @@ def read_state_file(path: str) -> Dict[str, torch.Tensor]:
 
 def load_into(net, path: str, *, allow_missing: bool = False,
               check_finite: Optional[bool] = None) -> List[str]:
-    """Load .caffemodel/.pt/.safetensors weights into ``net`` (format by extension).
+    """Load .caffemodel/.pt/.safetensors/.h5 weights into ``net`` (format by extension;
+    like Caffe's CopyTrainedLayersFrom, any name ending in ``.h5`` is Caffe's HDF5 layout).
 
     ``check_finite`` (default: on, unless ``$CAFFE_COMPAT_ALLOW_NONFINITE_WEIGHTS=1``)
     refuses NaN/Inf values, naming the layer and blob.
@@ -762,6 +827,10 @@ def load_into(net, path: str, *, allow_missing: bool = False,
     if path.endswith((".pt", ".pth", ".safetensors")):
         return load_state_into(net, read_state_file(path), allow_missing=allow_missing, where=path,
                                check_finite=check_finite)
+    if path.endswith(HDF5_SUFFIX):
+        from caffe_compat.hdf5_format import load_hdf5_into
+
+        return load_hdf5_into(net, path, allow_missing=allow_missing, check_finite=check_finite)
     return load_caffemodel_into(net, path, allow_missing=allow_missing, check_finite=check_finite)
 
 
@@ -781,11 +850,17 @@ def net_layers_for_caffemodel(net) -> List[Tuple[object, List[np.ndarray]]]:
 
 
 def save(net, path: str, **kw) -> None:
-    """Write ``net``'s weights as .caffemodel, .pt or .safetensors (by extension)."""
+    """Write ``net``'s weights as .caffemodel, .pt, .safetensors or Caffe's HDF5 layout
+    (``.h5``, e.g. ``model.caffemodel.h5``; ``write_diff=True`` adds the gradients), by
+    extension."""
     from caffe_compat.atomic import atomic_open
 
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
+    if path.endswith(HDF5_SUFFIX):
+        from caffe_compat.hdf5_format import save_hdf5
+
+        save_hdf5(net, path, **kw)
+    elif path.endswith(".safetensors"):
         save_safetensors(net_state_dict(net, dedupe_shared=True), path)
     elif path.endswith((".pt", ".pth")):
         sd = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

@@ -1,4 +1,5 @@
-"""``caffe-compat convert IN -o OUT``: weights between .caffemodel, .pt and .safetensors."""
+"""``caffe-compat convert IN -o OUT``: weights between .caffemodel, .pt, .safetensors and
+Caffe's HDF5 layout (``.h5``, e.g. ``model.caffemodel.h5``)."""
 from __future__ import annotations
 
 import os
@@ -13,15 +14,19 @@ def _kind(path: str) -> str:
         return "safetensors"
     if path.endswith((".pt", ".pth")):
         return "pt"
+    if path.endswith(".h5"):
+        return "h5"
     return "caffemodel"
 
 
 @main.command("convert")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(dir_okay=False),
-              help="Output file: .safetensors (recommended), .pt or .caffemodel.")
+              help="Output file: .safetensors (recommended), .pt, .caffemodel or .caffemodel.h5 "
+                   "(Caffe's HDF5).")
 @click.option("--model", "-m", type=click.Path(dir_okay=False),
-              help="Net definition: needed to write a .caffemodel; checks names and shapes otherwise.")
+              help="Net definition: needed to read or write .h5 and to write a .caffemodel; checks "
+                   "names and shapes otherwise.")
 @click.option("--phase", type=click.Choice(["train", "test"], case_sensitive=False), default="test",
               show_default=True)
 @click.option("--fold-batchnorm", is_flag=True,
@@ -44,7 +49,7 @@ def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow
         notes = net.load_weights(src, allow_missing=allow_missing)
         for n in notes:
             click.echo(f"note: {n}", err=True)
-        if dk == "caffemodel":
+        if dk in ("caffemodel", "h5"):
             if fold_batchnorm:
                 raise SchemaError("--fold-batchnorm applies to .pt/.safetensors outputs")
             net.save_weights(dst)
@@ -52,8 +57,12 @@ def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow
             sd = W.net_state_dict(net, dedupe_shared=(dk == "safetensors"))
             _write_state(sd, dst, dk, fold_batchnorm)
     else:
-        if dk == "caffemodel":
-            raise SchemaError("writing a .caffemodel needs the net definition: add --model NET.prototxt")
+        if dk in ("caffemodel", "h5"):
+            what = "a .caffemodel" if dk == "caffemodel" else "an HDF5 (.h5) weights file"
+            raise SchemaError(f"writing {what} needs the net definition: add --model NET.prototxt")
+        if sk == "h5":
+            raise SchemaError("reading HDF5 (.h5) weights needs the net definition (they hold no layer "
+                              "types to name the blobs by): add --model NET.prototxt")
         sd = W.caffemodel_state_dict(src) if sk == "caffemodel" else W.read_state_file(src)
         _write_state(sd, dst, dk, fold_batchnorm)
     click.echo(f"wrote {dst}")

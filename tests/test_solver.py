@@ -449,7 +449,6 @@ def test_snapshot_prefix_from_solver_file(tmp_path, monkeypatch):
     ('lr_policy: "cosine"', "unknown lr_policy 'cosine'"),
     ('base_lr: 0.1', "lr_policy is not set"),
     ('lr_policy: "step"', "positive stepsize"),
-    ('lr_policy: "fixed" snapshot_format: HDF5', "HDF5 is not supported"),
     ('lr_policy: "fixed" weight_decay: 0.1 regularization_type: "L3"', "regularization_type 'L3'"),
     ('lr_policy: "fixed" iter_size: 0', "iter_size"),
     ('lr_policy: "fixed" average_loss: 0', "average_loss"),

@@ -311,6 +311,19 @@ class TrainSolver(Solver):
         #: first-format model file of every snapshot written, in order
         self.snapshot_paths: List[str] = []
 
+    def _check_param(self) -> None:
+        """Also refuse ``snapshot_format: HDF5`` for Faster R-CNN training: its snapshots are
+        py-faster-rcnn's, whose ``.solverstate`` keeps what Caffe's HDF5 state cannot (loader
+        position, training ``bbox_pred``, generator states).  Plain nets (``caffe train``)
+        get Caffe's HDF5 snapshots."""
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5 and net_uses_roidb(self.param):
+            raise SolverError("snapshot_format: HDF5 is not supported by the Faster R-CNN trainer "
+                              "(caffe-compat train: its snapshots are py-faster-rcnn's, --format "
+                              "caffemodel|safetensors plus a .solverstate); remove snapshot_format from "
+                              "the solver, or train with caffe_compat.solver.Solver or pycaffe's "
+                              "SGDSolver, which write Caffe's HDF5 snapshots")
+        super()._check_param()
+
     # ------------------------------------------------------------------ names
     @property
     def prefix(self) -> str:
@@ -362,7 +375,12 @@ class TrainSolver(Solver):
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> Tuple[str, str]:
-        """Write the weights in every format (un-normalized ``bbox_pred``) and a .solverstate."""
+        """Write the weights in every format (un-normalized ``bbox_pred``) and a .solverstate
+        (``snapshot_format: HDF5``, plain nets only: Caffe's .caffemodel.h5 and .solverstate.h5)."""
+        if self._hdf5_snapshots:
+            model, state = super().snapshot()
+            self.snapshot_paths.append(model)
+            return model, state
         base = self.snapshot_filename("")
         folder = os.path.dirname(os.path.abspath(base))
         try:

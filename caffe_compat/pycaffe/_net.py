@@ -818,6 +818,21 @@ class Net:
         upload_dirty()
         self._core.save_weights(os.fspath(filename))
 
+    def save_hdf5(self, filename) -> None:
+        """Caffe's ``ToHDF5``: the weights in Caffe's HDF5 layout, whatever the file is named."""
+        from caffe_compat.hdf5_format import save_hdf5
+
+        upload_dirty()
+        save_hdf5(self._core, os.fspath(filename))
+
+    def load_hdf5(self, filename) -> None:
+        """Caffe's ``CopyTrainedLayersFromHDF5``, whatever the file is named: layers named as
+        in the file take its blobs (others keep theirs, as ``copy_from``)."""
+        from caffe_compat.hdf5_format import load_hdf5_into
+
+        upload_dirty()
+        load_hdf5_into(self._core, os.fspath(filename), allow_missing=True)
+
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """Feed a MemoryData first layer: ``data`` (N, C, H, W) float32 and ``labels`` (N,),
         both C-contiguous; each forward takes the next batch (the arrays are not copied)."""
