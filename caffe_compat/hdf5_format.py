@@ -45,6 +45,14 @@ def h5py_module(error: Type[CaffeCompatError] = WeightsError, what: str = "HDF5 
     return h5py
 
 
+#: what h5py raises on damaged files, at any access (reading a group's size, a dataset, closing)
+_H5_FAILURES = (OSError, KeyError, RuntimeError, ValueError, TypeError, OverflowError, IndexError)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def looks_like_hdf5(path: str) -> bool:
     """Whether ``path`` starts with HDF5's signature (a readable HDF5 file at offset 0)."""
     try:
@@ -182,13 +190,15 @@ def load_hdf5_into(net, path: str, *, allow_missing: bool = False,
         e = net._by_name.get(name)
         return e is not None and (e.module is not None or e.unbuilt_reason.startswith("folded into"))
 
-    with _open(path, WeightsError, "HDF5 weights") as f:
-        try:
+    try:
+        with _open(path, WeightsError, "HDF5 weights") as f:
             layers = _read_weight_layers(f, path, wanted)
             return load_layers_into(net, layers, path, allow_missing=allow_missing,
                                     check_finite=check_finite, sparse=True)
-        except (OSError, KeyError) as e:  # a dataset that cannot be read back
-            raise ParseError(f"corrupt HDF5 weights file: {e}", where=path) from None
+    except CaffeCompatError:
+        raise
+    except _H5_FAILURES as e:  # HDF5's own structures are damaged
+        raise ParseError(f"corrupt HDF5 weights file: {_first_line(e)}", where=path) from None
 
 
 def _check_layer_names(net) -> None:
@@ -298,8 +308,8 @@ def read_solver_state_hdf5(path: str) -> Tuple[int, int, Optional[str], List[np.
     """``(iter, current_step, learned_net or None, history arrays)`` of Caffe's HDF5 state."""
     h5py = h5py_module(SolverError, "HDF5 solver states")
     path = os.fspath(path)
-    with _open(path, SolverError, "an HDF5 solver state", SolverError) as f:
-        try:
+    try:
+        with _open(path, SolverError, "an HDF5 solver state", SolverError) as f:
             iteration = _read_int(f, "iter", path)
             ds = f.get("learned_net")
             learned = None
@@ -320,6 +330,8 @@ def read_solver_state_hdf5(path: str) -> Tuple[int, int, Optional[str], List[np.
                 if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":
                     raise SolverError(f"history entry '{key}' is not a numeric dataset", where=path)
                 history.append(np.asarray(ds[()]))
-        except (OSError, KeyError) as e:
-            raise SolverError(f"corrupt HDF5 solver state: {e}", where=path) from None
+    except CaffeCompatError:
+        raise
+    except _H5_FAILURES as e:  # HDF5's own structures are damaged
+        raise SolverError(f"corrupt HDF5 solver state: {_first_line(e)}", where=path) from None
     return iteration, step, learned, history

@@ -1,6 +1,6 @@
 """Fuzzing the readers and the net builder: nothing escapes but CaffeCompatError.
 
-Three targets, each fed mutated versions of small valid inputs (byte flips, deletions,
+Four targets, each fed mutated versions of small valid inputs (byte flips, deletions,
 duplications, insertions of syntax tokens, numbers replaced by edge values, blob names
 swapped, lines duplicated or dropped):
 
@@ -8,7 +8,10 @@ swapped, lines duplicated or dropped):
 - the binary loader (``read_caffemodel``, ``caffemodel_state_dict``, loading into a net)
   on mutated small caffemodels (current and V1 formats),
 - the net builder (``Net``) on mutated small prototxts, plus one forward pass when the
-  result is small.
+  result is small,
+- Caffe's HDF5 formats (``.caffemodel.h5`` loaded into a net, ``.solverstate.h5`` read) on
+  mutated small files (h5py raises many kinds of errors on damaged files: all must become
+  one clear error).
 
 Each example runs under a hard timeout (SIGALRM: no hang) and filler allocations are
 capped (bounded memory: a mutated ``num_output`` must not eat the machine).  Inputs that
@@ -513,6 +516,36 @@ def test_fuzz_binary_loader(tmp_path_factory, seed, ops):
     _expect_only_caffe_errors(W.caffemodel_state_dict, str(path))
     if seed == 0:
         _expect_only_caffe_errors(lambda: Net(NETS[0]).load_weights(str(path)))
+
+
+_SEED_H5: List[bytes] = []
+
+
+@FUZZ
+@given(ops=byte_ops)
+def test_fuzz_hdf5_loader(tmp_path_factory, ops):
+    """Mutated Caffe HDF5 weights (``.caffemodel.h5``): a clear error or a load, nothing else."""
+    pytest.importorskip("h5py")
+    folder = tmp_path_factory.getbasetemp()
+    if not _SEED_H5:
+        seed = folder / "seed.caffemodel.h5"
+        Net(NETS[0], seed=0).save_weights(str(seed))
+        _SEED_H5.append(seed.read_bytes())
+    if len(_SEED_H5) == 1:
+        from caffe_compat.hdf5_format import write_solver_state_hdf5
+
+        state = folder / "seed.solverstate.h5"
+        write_solver_state_hdf5(str(state), iteration=7, current_step=1, learned_net="m.caffemodel.h5",
+                                history=[torch.ones(3, 2), torch.zeros(3)])
+        _SEED_H5.append(state.read_bytes())
+    path = folder / "fuzz.caffemodel.h5"
+    path.write_bytes(mutate_bytes(_SEED_H5[0], ops, BIN_TOKENS))
+    _expect_only_caffe_errors(lambda: Net(NETS[0]).load_weights(str(path)))
+    from caffe_compat.hdf5_format import read_solver_state_hdf5
+
+    path = folder / "fuzz.solverstate.h5"
+    path.write_bytes(mutate_bytes(_SEED_H5[1], ops, BIN_TOKENS))
+    _expect_only_caffe_errors(read_solver_state_hdf5, str(path))
 
 
 def test_fuzz_memory_stayed_bounded():
