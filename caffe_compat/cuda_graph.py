@@ -78,6 +78,10 @@ class CudaGraphNet:
             raise GraphError(f"this net cannot be captured as a CUDA graph (run it eagerly): "
                              f"{str(e).splitlines()[0]}") from None
         self.blobs = net.blobs
+        # constants cached outside the net that the graph reads (AVE divisors): keep them alive
+        from caffe_compat.layers.vision import cached_constants
+
+        self._constants = [t for t in cached_constants() if t.device == device]
 
     def __call__(self, **inputs) -> "OrderedDict[str, Tensor]":
         for k, v in inputs.items():

@@ -53,6 +53,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _raised_in_h5py(e: BaseException) -> bool:
+    """Whether ``e`` came out of h5py itself (a damaged file), not from copying the values
+    (a CUDA out-of-memory error, a bug), which must keep its own type and message."""
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and "h5py" in last.tb_frame.f_code.co_filename.split(os.sep)
+
+
 def looks_like_hdf5(path: str) -> bool:
     """Whether ``path`` starts with HDF5's signature (a readable HDF5 file at offset 0)."""
     try:
@@ -198,6 +207,8 @@ def load_hdf5_into(net, path: str, *, allow_missing: bool = False,
     except CaffeCompatError:
         raise
     except _H5_FAILURES as e:  # HDF5's own structures are damaged
+        if not _raised_in_h5py(e):
+            raise
         raise ParseError(f"corrupt HDF5 weights file: {_first_line(e)}", where=path) from None
 
 
@@ -333,5 +344,7 @@ def read_solver_state_hdf5(path: str) -> Tuple[int, int, Optional[str], List[np.
     except CaffeCompatError:
         raise
     except _H5_FAILURES as e:  # HDF5's own structures are damaged
+        if not _raised_in_h5py(e):
+            raise
         raise SolverError(f"corrupt HDF5 solver state: {_first_line(e)}", where=path) from None
     return iteration, step, learned, history

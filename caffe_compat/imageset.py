@@ -11,7 +11,9 @@ fails on its ``mkdir``); the database is built in a temporary folder and renamed
 at the end, so a failed run leaves nothing; ``shuffle`` uses a seeded permutation (Caffe's
 RNG was unseeded, so its order was never reproducible); a bad label or a line without one
 is an error (Caffe's ``atoi`` made it 0); with ``gray`` and ``encoded`` a colour file is
-re-encoded grey (Caffe stored it as it was, colour).
+re-encoded grey (Caffe stored it as it was, colour); blank lines of the list are skipped and
+take no index (Caffe read each as an unreadable image "" and skipped it after using up its
+index, so a list with blank lines in the middle gets other key numbers there).
 
 ``compute_image_mean`` averages every Datum of an LMDB (encoded ones decoded as stored,
 ``IMREAD_UNCHANGED``) with Caffe's float32 arithmetic (the same records give a bit-identical mean
@@ -207,9 +209,9 @@ def new_db_folder(db: str, tool: str = "convert_imageset") -> str:
     parent = check_new_db(db, tool)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(db)) + ".", suffix=".tmp",
                            dir=parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    from caffe_compat.atomic import _umask
+
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
 

@@ -4,49 +4,83 @@ PyTorch lets cuDNN convolutions use TF32 on Ampere and later cards by default (1
 mantissa products, ~1e-3 relative error).  Caffe predates TF32, so its GPU numbers are
 true fp32; a Net therefore runs its forward and backward passes inside
 :func:`exact_fp32` unless built with ``allow_tf32=True`` (the fast, inexact choice).
-The flags are global in torch, so they are set for the duration of a pass and restored
-afterwards: code outside a Net keeps the user's choice.
+
+The switches are global in torch, so they are set when the first pass begins and restored
+when the last one ends (a lock and a depth count make this hold across threads).  torch 2.9
+added per-operator switches beside the legacy ones and raises when the two disagree, so the
+switches are set through the API the user's current state is consistent with:
+``torch.set_float32_matmul_precision`` for cuBLAS (it keeps both APIs in step), the legacy
+``cudnn.allow_tf32`` for cuDNN unless the user already mixed the APIs, then the per-op one.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+import threading
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 
 __all__ = ["exact_fp32", "tf32_state"]
 
+_lock = threading.Lock()
+_depth = 0
+_undo: List[Callable[[], None]] = []
 
-def _targets() -> List[Tuple[object, str, object]]:
-    """(object, attribute, exact value) for each TF32 switch this torch has."""
+
+def _conv_allows_tf32() -> bool:
     conv = getattr(torch.backends.cudnn, "conv", None)
-    mm = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if conv is not None and hasattr(conv, "fp32_precision") and mm is not None:
-        # torch >= 2.9: the per-operator API (mixing it with the legacy flags is an error)
-        return [(conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
-    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    value = getattr(conv, "fp32_precision", None)
+    if value in ("ieee", "tf32"):
+        return value == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # mixed legacy/per-op settings: the per-op value decides for convs
+        return False
 
 
-def tf32_state() -> Tuple[object, ...]:
-    """The current values of the switches :func:`exact_fp32` sets (for tests and logs)."""
-    return tuple(getattr(o, a) for o, a, _ in _targets())
+def tf32_state() -> Tuple[bool, bool]:
+    """(cuDNN convolutions may use TF32, cuBLAS matmuls may use TF32) as torch is set now."""
+    return _conv_allows_tf32(), torch.get_float32_matmul_precision() != "highest"
+
+
+def _set_exact() -> List[Callable[[], None]]:
+    undo: List[Callable[[], None]] = []
+    prev_mm = torch.get_float32_matmul_precision()
+    if prev_mm != "highest":
+        torch.set_float32_matmul_precision("highest")
+        undo.append(lambda: torch.set_float32_matmul_precision(prev_mm))
+    try:
+        prev_cudnn = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the user mixed the APIs: only the per-op switch is safe to touch
+        conv = torch.backends.cudnn.conv
+        prev_conv = conv.fp32_precision
+        if prev_conv != "ieee":
+            conv.fp32_precision = "ieee"
+            undo.append(lambda: setattr(conv, "fp32_precision", prev_conv))
+    else:
+        if prev_cudnn:
+            torch.backends.cudnn.allow_tf32 = False
+            undo.append(lambda: setattr(torch.backends.cudnn, "allow_tf32", prev_cudnn))
+    return undo
 
 
 @contextlib.contextmanager
 def exact_fp32(enabled: bool = True) -> Iterator[None]:
     """Run the block with TF32 off for cuDNN convolutions and cuBLAS matmuls."""
+    global _depth
     if not enabled:
         yield
         return
-    targets = _targets()
-    saved = [getattr(o, a) for o, a, _ in targets]
-    if all(s == v for s, (_, _, v) in zip(saved, targets)):
-        yield  # already exact: nothing to set or restore
-        return
+    with _lock:
+        if _depth == 0:
+            _undo[:] = _set_exact()
+        _depth += 1
     try:
-        for o, a, v in targets:
-            setattr(o, a, v)
         yield
     finally:
-        for (o, a, _), s in zip(targets, saved):
-            setattr(o, a, s)
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for fn in reversed(_undo):
+                    fn()
+                _undo.clear()

@@ -317,6 +317,12 @@ def _ave_divisors(H: int, W: int, kh: int, kw: int, sh: int, sw: int, ph: int, p
     return div
 
 
+def cached_constants() -> List[Tensor]:
+    """The device tensors pooling keeps between forwards (AVE divisors): a CUDA graph that
+    read them must hold references, or an eviction would free memory the replay reads."""
+    return list(_DIVISORS.values())
+
+
 def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence[int],
                  pad: Sequence[int], ceil: bool = True, *, return_mask: bool = False,
                  train: bool = False, generator: Optional[torch.Generator] = None,

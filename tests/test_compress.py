@@ -222,6 +222,7 @@ def test_default_output_name():
         "/m/vgg16_fast_rcnn_iter_40000_svd_fc6_1024_fc7_256.caffemodel"
     assert default_output("w.safetensors", ranks) == "w_svd_fc6_1024_fc7_256.safetensors"
     assert default_output("weights", {"fc6": (8, 0.0)}) == "weights_svd_fc6_8.caffemodel"
+    assert default_output("m.caffemodel.h5", ranks) == "m_svd_fc6_1024_fc7_256.caffemodel.h5"  # Caffe's HDF5
 
 
 # ------------------------------------------------------------------ the CLI

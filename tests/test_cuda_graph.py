@@ -129,3 +129,22 @@ def test_time_cli_cuda_graph_with_fused_batchnorm():
                                   "--phase", "test", "--gpu", "0", "--fuse-batchnorm", "--cuda-graph", "-n", "5"])
     assert r.exit_code == 0, r.output
     assert "Folded" in r.output and "Average Forward pass" in r.output and "\tforward" not in r.output
+
+
+@pytest.mark.gpu
+def test_replay_survives_eviction_of_cached_pooling_divisors():
+    from caffe_compat.layers.vision import caffe_pool2d
+
+    text = ('input: "data" input_shape { dim: 1 dim: 2 dim: 9 dim: 11 }\n'
+            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+            'pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }')
+    net = Net(text, device="cuda")
+    x = torch.randn(1, 2, 9, 11, device="cuda")
+    graph = CudaGraphNet(net, data=x)
+    with torch.no_grad():
+        eager = net.forward(data=x)["p"].clone()
+    for h in range(12, 12 + 80):   # more geometries than the cache keeps: the first is evicted
+        caffe_pool2d(torch.randn(1, 1, h, 7, device="cuda"), 1, (3, 3), (2, 2), (1, 1))
+    junk = [torch.full((4096,), 7.0, device="cuda") for _ in range(64)]  # reuse freed blocks
+    assert torch.equal(graph(data=x)["p"], eager)
+    del junk

@@ -591,3 +591,18 @@ def test_caffe_restores_and_loads_our_hdf5_files(golden, tmp_path):
     resumed = {(key.split("/")[1], int(key.split("/")[2])): got[key] for key in got.files
                if key.startswith("resumed/")}
     _assert_close(resumed, _params(a.net))
+
+
+def test_errors_not_from_h5py_keep_their_own_message(tmp_path, monkeypatch):
+    """Only h5py's failures mean a damaged file; e.g. a CUDA out-of-memory while copying must
+    not be reported as 'corrupt HDF5 weights file'."""
+    import caffe_compat.hdf5_format as H
+
+    path = _write_tiny(tmp_path)
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(H, "load_layers_into", oom)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        tiny_net(1).load_weights(str(path))

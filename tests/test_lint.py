@@ -37,7 +37,7 @@ def test_scores_into_a_softmax_loss_do_not(loss, bottoms):
 
 def test_corpus_nets_have_no_wiring_warnings():
     corpus = corpus_or_skip()
-    warned = {}
+    warned, checked = {}, 0
     for p in sorted(corpus.rglob("*.prototxt")):
         if "solver" in p.name:
             continue
@@ -45,6 +45,8 @@ def test_corpus_nets_have_no_wiring_warnings():
             net = Net(str(p), phase="train")
         except Exception:  # nets needing data, Python layers etc. are covered by test_corpus
             continue
+        checked += 1
         if net.warnings:
             warned[str(p.relative_to(corpus))] = net.warnings
+    assert checked >= 40, f"only {checked} corpus nets built: the check checked little"
     assert warned == {}

@@ -26,20 +26,29 @@ layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
 """
 
 
-def _exact_values():
-    from caffe_compat.precision import _targets
+EXACT = (False, False)
 
-    return tuple(v for _, _, v in _targets())
+
+@pytest.fixture
+def restore_tf32_flags():
+    """Tests here change torch's global switches on purpose: put the defaults back."""
+    yield
+    torch.set_float32_matmul_precision("highest")
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def test_exact_fp32_sets_and_restores():
     before = tf32_state()
-    assert before != _exact_values(), "torch's default allows TF32 for cuDNN convolutions"
+    assert before[0], "torch's default allows TF32 for cuDNN convolutions"
     with exact_fp32():
-        assert tf32_state() == _exact_values()
+        assert tf32_state() == EXACT
         with exact_fp32():                  # nested: still exact, outer restore unaffected
-            assert tf32_state() == _exact_values()
-        assert tf32_state() == _exact_values()
+            assert tf32_state() == EXACT
+        assert tf32_state() == EXACT
     assert tf32_state() == before
     with pytest.raises(RuntimeError):
         with exact_fp32():
@@ -49,23 +58,73 @@ def test_exact_fp32_sets_and_restores():
         assert tf32_state() == before
 
 
+@pytest.mark.parametrize("user", ["legacy matmul", "matmul precision high", "legacy cudnn", "per-op conv"])
+def test_users_own_tf32_settings_survive_and_stay_consistent(user, restore_tf32_flags):
+    """torch >= 2.9 raises when legacy and per-op switches disagree: a Net pass must neither
+    cause that (cuBLAS/cuDNN read the legacy getters) nor lose the user's setting."""
+    if user == "legacy matmul":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif user == "matmul precision high":
+        torch.set_float32_matmul_precision("high")
+    elif user == "legacy cudnn":
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        if not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+            pytest.skip("this torch has no per-operator TF32 switches")
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"   # a mix: the legacy getter raises
+    before = tf32_state()
+    with exact_fp32():
+        assert tf32_state() == EXACT
+        assert torch._C._get_cublas_allow_tf32() is False   # what cuBLAS calls read
+        if user != "per-op conv":
+            assert torch._C._get_cudnn_allow_tf32() is False
+    assert tf32_state() == before
+
+
+def test_threads_keep_exact_until_the_last_pass_ends():
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def long_pass():
+        with exact_fp32():
+            inside.set()
+            release.wait(5)
+            seen.append(tf32_state())
+
+    t = threading.Thread(target=long_pass)
+    t.start()
+    inside.wait(5)
+    with exact_fp32():      # a short pass in this thread ends first...
+        pass
+    release.set()
+    t.join(5)
+    assert seen == [EXACT]  # ...and did not switch TF32 back on under the long one
+    assert tf32_state()[0]
+
+
 @pytest.mark.parametrize("allow", [False, True])
 def test_net_passes_run_exact_unless_allowed(allow, monkeypatch):
     net = Net(WIDE.replace("dim: 256 dim: 24 dim: 24", "dim: 2 dim: 3 dim: 3")
-              .replace("num_output: 256", "num_output: 2"), allow_tf32=allow)
-    seen = []
+              .replace("num_output: 256", "num_output: 2"), allow_tf32=allow, phase="train")
+    seen = {"fwd": [], "bwd": []}
     conv = net.layer("conv")
     orig = conv.forward
 
     def spy(*a):
-        seen.append(tf32_state())
+        seen["fwd"].append(tf32_state())
         return orig(*a)
 
     monkeypatch.setattr(conv, "forward", spy)
+    conv.register_full_backward_hook(lambda m, gi, go: seen["bwd"].append(tf32_state()))
     before = tf32_state()
     x = torch.randn(2, 2, 3, 3, requires_grad=True)
-    net.forward(data=x)
-    assert seen == [before if allow else _exact_values()]
+    out = net.forward(data=x)["fc"]
+    net.loss = out.sum()           # a loss for Net.backward
+    net.backward()
+    want = before if allow else EXACT
+    assert seen == {"fwd": [want], "bwd": [want]}
     assert tf32_state() == before
 
 

@@ -281,3 +281,31 @@ def test_reval_errors(tested, voc_dir, tmp_path):
 
     with pytest.raises(DataError, match="no detections"):
         reval(str(empty), imdb)
+
+
+def _npz(path, **over):
+    arrays = dict(dets=np.zeros((2, 5), np.float32), class_index=np.array([1, 2]),
+                  image_index=np.array([0, 1]), num_classes=np.array(3), num_images=np.array(2))
+    arrays.update(over)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("what,over,msg", [
+    ("negative image", dict(image_index=np.array([0, -1])), "indices outside the recorded 3 classes x 2 images"),
+    ("class past the end", dict(class_index=np.array([1, 3])), "indices outside the recorded"),
+    ("dets not n x 5", dict(dets=np.zeros((2, 4), np.float32)), r"'dets' must be n x 5 floats"),
+    ("index count", dict(image_index=np.array([0])), r"must be 2 integers each"),
+])
+def test_inconsistent_detection_files_are_refused(tmp_path, what, over, msg):
+    with pytest.raises(DataError, match=msg):
+        load_detections(_npz(tmp_path / "detections.npz", **over))
+
+
+def test_damaged_detection_file_is_one_clear_error(tmp_path):
+    good = _npz(tmp_path / "good.npz")
+    assert [len(r) for r in load_detections(good)] == [2, 2, 2]
+    bad = tmp_path / "detections.npz"
+    bad.write_bytes(open(good, "rb").read()[:200])   # truncated zip
+    with pytest.raises(DataError, match="cannot read detections file"):
+        read_detections(str(bad))

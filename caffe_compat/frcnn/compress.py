@@ -205,11 +205,14 @@ def compress_net(net, svd_net) -> Dict[str, Tuple[int, float]]:
 def default_output(weights: str, ranks: Dict[str, Tuple[int, float]]) -> str:
     """``<dir>/<stem>_svd_<X>_<l>...<ext>``, Fast R-CNN's naming (``..._svd_fc6_1024_fc7_256``).
 
-    The extension is the input's when it is one we write (.caffemodel/.pt/.pth/.safetensors),
-    else ``.caffemodel``.
+    The extension is the input's when it is one we write (.caffemodel/.caffemodel.h5/.h5/.pt/
+    .pth/.safetensors), else ``.caffemodel``.
     """
-    stem, ext = os.path.splitext(weights)
-    if ext not in (".caffemodel", ".pt", ".pth", ".safetensors"):
+    for ext in (".caffemodel.h5", ".caffemodel", ".h5", ".pt", ".pth", ".safetensors"):
+        if weights.endswith(ext):
+            stem = weights[:-len(ext)]
+            break
+    else:
         stem, ext = weights, ".caffemodel"
     return stem + "_svd" + "".join(f"_{x}_{l}" for x, (l, _) in ranks.items()) + ext
 

@@ -92,16 +92,8 @@ def read_detections(path: str) -> Tuple[List[List[np.ndarray]], Dict[str, List[s
 
     if path.endswith(".pkl"):
         return _read_pickle(path), {}
-    try:
-        all_boxes = load_detections(path)
-    except (IndexError, TypeError) as e:     # indices that do not fit the recorded counts
-        raise DataError(f"corrupt detections file: {e}", where=path) from None
     meta: Dict[str, List[str]] = {}
-    with np.load(path, allow_pickle=False) as z:
-        for key in ("classes", "image_ids"):
-            if key in z.files:
-                meta[key] = [str(v) for v in z[key].reshape(-1)]
-    return all_boxes, meta
+    return load_detections(path, meta), meta
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:

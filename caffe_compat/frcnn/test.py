@@ -388,19 +388,40 @@ def save_detections(path: str, all_boxes: Sequence[Sequence[Any]],
         f.write(buf.getvalue())
 
 
-def load_detections(path: str) -> List[List[np.ndarray]]:
-    """``all_boxes[class][image]`` (``(n, 5)`` float32 arrays) from :func:`save_detections`."""
+def load_detections(path: str, meta: Optional[Dict[str, List[str]]] = None) -> List[List[np.ndarray]]:
+    """``all_boxes[class][image]`` (``(n, 5)`` float32 arrays) from :func:`save_detections`.
+
+    A damaged or inconsistent file is one ``DataError``; ``meta``, if given, receives the
+    recorded ``classes`` and ``image_ids``.
+    """
+    import zipfile
+    import zlib
+
     try:
         with np.load(path, allow_pickle=False) as z:
             dets, ci, ii = z["dets"], z["class_index"], z["image_index"]
             nc, ni = int(z["num_classes"]), int(z["num_images"])
-    except (OSError, ValueError, KeyError) as e:
+            if meta is not None:
+                for key in ("classes", "image_ids"):
+                    if key in z.files:
+                        meta[key] = [str(v) for v in z[key].reshape(-1)]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cannot read detections file: {e}", where=path) from None
+    if dets.ndim != 2 or dets.shape[1] != 5 or dets.dtype.kind != "f":
+        raise DataError(f"'dets' must be n x 5 floats (x1 y1 x2 y2 score), got {dets.dtype} "
+                        f"{dets.shape}", where=path)
+    if ci.shape != (len(dets),) or ii.shape != (len(dets),) or ci.dtype.kind not in "iu" \
+            or ii.dtype.kind not in "iu":
+        raise DataError(f"'class_index' and 'image_index' must be {len(dets)} integers each, got "
+                        f"{ci.dtype} {ci.shape} and {ii.dtype} {ii.shape}", where=path)
+    if nc < 0 or ni < 0 or (len(dets) and (ci.min() < 0 or ci.max() >= nc or ii.min() < 0
+                                           or ii.max() >= ni)):
+        raise DataError(f"indices outside the recorded {nc} classes x {ni} images", where=path)
     out = [[np.zeros((0, 5), np.float32) for _ in range(ni)] for _ in range(nc)]
     for c in range(nc):
         sel_c = ci == c
         for i in np.unique(ii[sel_c]):
-            out[c][int(i)] = dets[sel_c & (ii == i)]
+            out[c][int(i)] = dets[sel_c & (ii == i)].astype(np.float32, copy=False)
     return out
 
 
