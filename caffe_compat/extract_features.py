@@ -187,8 +187,15 @@ def extract_features(net, blob_names: Sequence[str], dataset_names: Sequence[str
             writers[i] = None
         for d in dataset_names:  # nothing appeared meanwhile: rename all or none
             check_new_db(d, _TOOL)
-        for tmp, d in zip(tmps, dataset_names):
-            os.rename(tmp, d)
+        placed: List[str] = []
+        try:
+            for tmp, d in zip(tmps, dataset_names):
+                os.rename(tmp, d)
+                placed.append(d)
+        except BaseException:
+            for d in placed:  # a later rename failed: take back the ones already in place
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         tmps = []
     except BaseException:
         for wr in writers:

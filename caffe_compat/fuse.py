@@ -29,12 +29,14 @@ Deconvolution, convolution tops read elsewhere, a Scale with two bottoms, loss-w
 
 After the pass the folded layers are gone from ``net.entries``, ``net.layer_names``, the
 modules, ``state_dict()``/``parameters()`` and ``learnable_params()``; ``net.net_param`` (the
-filtered definition) describes the fused net (a bias-less convolution that received a bias
+filtered definition, when it lists exactly the built layers, as for any net built from a
+definition) describes the fused net (a bias-less convolution that received a bias
 says ``bias_term: true``); ``net.layer(name)`` of a folded layer raises a ``GraphError``
 saying it was folded.  Inference only: backward through the fused net is not Caffe's, and
-weights must be loaded *before* fusing (loading the unfused caffemodel afterwards would
-overwrite the fused convolution weights); ``save_weights`` afterwards writes the fused
-convolution weights and no BatchNorm/Scale layers.
+weights must be loaded *before* fusing (weights that hold a folded layer's own blobs are
+refused afterwards, before anything is copied: they would overwrite the fused convolution
+weights); ``save_weights`` afterwards writes the fused convolution weights and no
+BatchNorm/Scale layers.
 """
 from __future__ import annotations
 

@@ -235,8 +235,7 @@ def save_hdf5(net, path: str, *, write_diff: bool = False) -> None:
 
     h5py = h5py_module()
     path = os.fspath(path)
-    entries = [e for e in net.entries
-               if e.module is not None or not e.unbuilt_reason.startswith("folded into")]
+    entries = net.entries  # (layers folded by fuse_batchnorm are gone from it)
     _check_layer_names(net)
     owned = set()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:

@@ -200,11 +200,15 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     }
 
+    #: how refusals name the file and what it may hold
+    what = "a proposal pickle"
+    allowed = "only numpy arrays are allowed"
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a proposal pickle "
-                                     "(only numpy arrays are allowed)")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from {self.what} "
+                                     f"({self.allowed})")
 
 
 def save_proposals(path: PathLike, box_list: Sequence[np.ndarray],
