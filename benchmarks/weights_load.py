@@ -57,11 +57,17 @@ def run_task(code: str, proto: str, weights: str) -> dict:
     # the imports happen before the baseline reading, so 'rss' is what the task itself adds
     imports = "\n".join(l for l in code.split(";") if l.strip().startswith(("import", "from")))
     body = "\n".join(l.strip() for l in code.split(";") if not l.strip().startswith(("import", "from")))
-    prog = (f"import resource, time, json, os\n{imports}\nP={proto!r}\nW={weights!r}\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork/exec from the parent (which
+    # held the whole net while writing the file), VmHWM belongs to this process's memory
+    prog = (f"import time, json, os\n{imports}\nP={proto!r}\nW={weights!r}\n"
+            "def hwm():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmHWM:'):\n"
+            "            return int(line.split()[1]) * 1024\n"
             "pre = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
             f"t=time.perf_counter()\n{body}\n"
             "print(json.dumps({'s': time.perf_counter()-t, "
-            "'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - pre}))")
+            "'rss': hwm() - pre}))")
     r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
