@@ -20,9 +20,11 @@ py-faster-rcnn on a K40; that is another card and another process, not a ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,7 +43,10 @@ def _data(tmp: str, images: int):
     return d
 
 
-def bench_train(name: str, data_dir: str, device: str, iters: int, warmup: int, tmp: str) -> float:
+@contextlib.contextmanager
+def corpus_solver(name: str, data_dir: str, device: str, out_dir: str) -> Iterator:
+    """The corpus' end2end solver for ``name`` on the synthetic set, seeded random weights;
+    py-faster-rcnn's cfg stays active (the RPN layers read it while stepping)."""
     from caffe_compat.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
     from caffe_compat.frcnn.train import SolverWrapper, combined_roidb, seed_everything
 
@@ -54,21 +59,24 @@ def bench_train(name: str, data_dir: str, device: str, iters: int, warmup: int, 
             seed_everything(cfg.RNG_SEED)
             _, roidb = combined_roidb("voc_2007_trainval")
             sw = SolverWrapper(f"models/pascal_voc/{name}/faster_rcnn_end2end/solver.prototxt", roidb,
-                               os.path.join(tmp, "train-" + name), device=device, save_state=False)
-            s = sw.solver
-            randomize_weights(s.net)
-            s.step(warmup)
-            sync(device)
-            t = time.perf_counter()
-            s.step(iters)
-            sync(device)
-            dt = (time.perf_counter() - t) / iters
-            loss = float(s.smoothed_loss) if hasattr(s, "smoothed_loss") else float("nan")
-            print(f"  train {name:6s} on {device}: {dt * 1e3:8.1f} ms/iteration "
-                  f"(iter_size {s.param.iter_size}; loss {loss:.3f})", flush=True)
-            return dt
+                               out_dir, device=device, save_state=False)
+            randomize_weights(sw.solver.net)
+            yield sw.solver
     finally:
         os.chdir(cwd)
+
+
+def bench_train(name: str, data_dir: str, device: str, iters: int, warmup: int, tmp: str) -> float:
+    with corpus_solver(name, data_dir, device, os.path.join(tmp, "train-" + name)) as s:
+        s.step(warmup)
+        sync(device)
+        t = time.perf_counter()
+        s.step(iters)
+        sync(device)
+        dt = (time.perf_counter() - t) / iters
+        print(f"  train {name:6s} on {device}: {dt * 1e3:8.1f} ms/iteration "
+              f"(iter_size {s.param.iter_size}; loss {float(s.smoothed_loss):.3f})", flush=True)
+        return dt
 
 
 def bench_detect(name: str, data_dir: str, device: str, images: int, *, nhwc: bool = False,

@@ -16,7 +16,7 @@ import time
 import torch
 
 import frcnn_speed as fs
-from common import randomize_weights, sync
+from common import sync
 
 
 def main() -> None:
@@ -24,21 +24,8 @@ def main() -> None:
     ap.add_argument("--net", default="ZF")
     ap.add_argument("--iters", type=int, default=4)
     a = ap.parse_args()
-    from caffe_compat.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
-    from caffe_compat.frcnn.train import SolverWrapper, combined_roidb, seed_everything
-
     tmp = tempfile.mkdtemp(prefix="cc-prof-")
-    data = fs._data(tmp, 16)
-    os.chdir(fs.FRCNN)
-    with temporary_cfg():
-        cfg_from_file("experiments/cfgs/faster_rcnn_end2end.yml")
-        cfg_from_list(["DATA_DIR", data])
-        seed_everything(cfg.RNG_SEED)
-        _, roidb = combined_roidb("voc_2007_trainval")
-        sw = SolverWrapper(f"models/pascal_voc/{a.net}/faster_rcnn_end2end/solver.prototxt", roidb,
-                           os.path.join(tmp, "t"), device="cuda", save_state=False)
-        s = sw.solver
-        randomize_weights(s.net)
+    with fs.corpus_solver(a.net, fs._data(tmp, 16), "cuda", os.path.join(tmp, "t")) as s:
         s.step(3)
         sync("cuda")
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

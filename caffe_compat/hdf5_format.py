@@ -23,8 +23,9 @@ h5py is imported only when an HDF5 file is read or written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, List, Optional, Tuple, Type
+from typing import Callable, Iterator, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -60,6 +61,20 @@ def _raised_in_h5py(e: BaseException) -> bool:
     while tb is not None:
         last, tb = tb, tb.tb_next
     return last is not None and "h5py" in last.tb_frame.f_code.co_filename.split(os.sep)
+
+
+@contextlib.contextmanager
+def _damaged_file_as(error: Type[CaffeCompatError], what: str, path: str) -> Iterator[None]:
+    """h5py's own failures on a damaged file (any exception type, at any access, closing
+    included) become one ``error``; everything else passes unchanged."""
+    try:
+        yield
+    except CaffeCompatError:
+        raise
+    except _H5_FAILURES as e:
+        if not _raised_in_h5py(e):
+            raise
+        raise error(f"corrupt {what}: {_first_line(e)}", where=path) from None
 
 
 def looks_like_hdf5(path: str) -> bool:
@@ -199,17 +214,11 @@ def load_hdf5_into(net, path: str, *, allow_missing: bool = False,
         e = net._by_name.get(name)
         return e is not None and (e.module is not None or e.unbuilt_reason.startswith("folded into"))
 
-    try:
-        with _open(path, WeightsError, "HDF5 weights") as f:
-            layers = _read_weight_layers(f, path, wanted)
-            return load_layers_into(net, layers, path, allow_missing=allow_missing,
-                                    check_finite=check_finite, sparse=True)
-    except CaffeCompatError:
-        raise
-    except _H5_FAILURES as e:  # HDF5's own structures are damaged
-        if not _raised_in_h5py(e):
-            raise
-        raise ParseError(f"corrupt HDF5 weights file: {_first_line(e)}", where=path) from None
+    with _damaged_file_as(ParseError, "HDF5 weights file", path), \
+            _open(path, WeightsError, "HDF5 weights") as f:
+        layers = _read_weight_layers(f, path, wanted)
+        return load_layers_into(net, layers, path, allow_missing=allow_missing,
+                                check_finite=check_finite, sparse=True)
 
 
 def _check_layer_names(net) -> None:
@@ -318,32 +327,26 @@ def read_solver_state_hdf5(path: str) -> Tuple[int, int, Optional[str], List[np.
     """``(iter, current_step, learned_net or None, history arrays)`` of Caffe's HDF5 state."""
     h5py = h5py_module(SolverError, "HDF5 solver states")
     path = os.fspath(path)
-    try:
-        with _open(path, SolverError, "an HDF5 solver state", SolverError) as f:
-            iteration = _read_int(f, "iter", path)
-            ds = f.get("learned_net")
-            learned = None
-            if isinstance(ds, h5py.Dataset):
-                learned = _read_string(ds, path)
-            step = _read_int(f, "current_step", path)
-            g = f.get("history")
-            if not isinstance(g, h5py.Group):
-                raise SolverError("no 'history' group, so not a Caffe HDF5 solver state", where=path)
-            names = list(g.keys())
-            want = [str(i) for i in range(len(names))]
-            if sorted(names) != sorted(want):
-                raise SolverError(f"'history' holds {', '.join(sorted(names)[:8])}; expected datasets "
-                                  f"named 0..{len(names) - 1}", where=path)
-            history = []
-            for key in want:
-                ds = g[key]
-                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":
-                    raise SolverError(f"history entry '{key}' is not a numeric dataset", where=path)
-                history.append(np.asarray(ds[()]))
-    except CaffeCompatError:
-        raise
-    except _H5_FAILURES as e:  # HDF5's own structures are damaged
-        if not _raised_in_h5py(e):
-            raise
-        raise SolverError(f"corrupt HDF5 solver state: {_first_line(e)}", where=path) from None
+    with _damaged_file_as(SolverError, "HDF5 solver state", path), \
+            _open(path, SolverError, "an HDF5 solver state", SolverError) as f:
+        iteration = _read_int(f, "iter", path)
+        ds = f.get("learned_net")
+        learned = None
+        if isinstance(ds, h5py.Dataset):
+            learned = _read_string(ds, path)
+        step = _read_int(f, "current_step", path)
+        g = f.get("history")
+        if not isinstance(g, h5py.Group):
+            raise SolverError("no 'history' group, so not a Caffe HDF5 solver state", where=path)
+        names = list(g.keys())
+        want = [str(i) for i in range(len(names))]
+        if sorted(names) != sorted(want):
+            raise SolverError(f"'history' holds {', '.join(sorted(names)[:8])}; expected datasets "
+                              f"named 0..{len(names) - 1}", where=path)
+        history = []
+        for key in want:
+            ds = g[key]
+            if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":
+                raise SolverError(f"history entry '{key}' is not a numeric dataset", where=path)
+            history.append(np.asarray(ds[()]))
     return iteration, step, learned, history

@@ -287,11 +287,10 @@ def upgrade_net_binary_file(src: str, dst: str) -> UpgradeOutcome:
     Blob payloads are never parsed nor held in memory: see the module docstring.  A file
     already in the current format is copied byte for byte.
     """
-    src = os.fspath(src)
+    from caffe_compat.io import _stat_file
+
+    src, st = _stat_file(src, "binary NetParameter (.caffemodel)")
     try:
-        st = os.stat(src)
-        if stat.S_ISDIR(st.st_mode):
-            raise ParseError("is a directory, expected a binary NetParameter (.caffemodel)", where=src)
         f = open(src, "rb")
     except OSError as e:
         raise ParseError(f"cannot read binary NetParameter: {e.strerror or e}", where=src) from None
