@@ -13,7 +13,15 @@ def __getattr__(name):  # lazy: importing the package stays cheap for the CLI
         from caffe_compat.net import Net
 
         return Net
+    if name == "register_layer":  # @caffe_compat.register_layer("MyType") on a Layer subclass
+        from caffe_compat.layers.registry import register
+
+        return register
+    if name == "Layer":
+        from caffe_compat.layers.base import Layer
+
+        return Layer
     raise AttributeError(name)
 
 
-__all__ = ["Net", "CaffeCompatError", "__version__"]
+__all__ = ["Net", "Layer", "register_layer", "CaffeCompatError", "__version__"]

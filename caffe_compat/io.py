@@ -194,15 +194,40 @@ def _text_and_name(source: PathOrText, what: str):
     return src, "<string>"
 
 
-def read_net_text(source: PathOrText, *, upgrade: bool = True) -> "caffe_pb2.NetParameter":
-    """A NetParameter from a prototxt path (or prototxt text), upgraded to the current format."""
+def read_net_text(source: PathOrText, *, upgrade: bool = True, schema=None) -> "caffe_pb2.NetParameter":
+    """A NetParameter from a prototxt path (or prototxt text), upgraded to the current format.
+
+    ``schema``: a fork's ``caffe.proto`` (path or ``proto_schema.Schema``) whose extra fields
+    the text may use; default: the one of an enclosing ``proto_schema.use_schema`` block."""
+    from caffe_compat.proto_schema import active_schema, as_schema, parse_net_text
+
     text, name = _text_and_name(source, "net prototxt")
-    net = parse_text(text, caffe_pb2.NetParameter(), name)
+    schema = as_schema(schema) or active_schema()
+    try:
+        if schema is not None:
+            net = parse_net_text(text, name, schema)
+        else:
+            net = parse_text(text, caffe_pb2.NetParameter(), name)
+    except ParseError as e:
+        _raise_with_unknowns(e, text, name, schema)
+        raise
     if upgrade:
         from caffe_compat.upgrade import upgrade_net
 
         net = upgrade_net(net, source=name)
     return net
+
+
+def _raise_with_unknowns(e: ParseError, text: str, name: str, schema) -> None:
+    """On an unknown field, list every unknown field and layer type of the file at once."""
+    if "has no field named" not in str(e):
+        return
+    from caffe_compat.unknowns import scan
+
+    root = schema.NetParameter.DESCRIPTOR if schema is not None else None
+    found = scan(text, root)
+    if found:
+        raise ParseError(found.message(), where=e.where) from None
 
 
 def read_solver_text(source: PathOrText, *, upgrade: bool = True) -> "caffe_pb2.SolverParameter":

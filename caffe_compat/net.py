@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from caffe_compat.errors import CaffeCompatError, DataError, GraphError, SchemaError, ShapeError
+from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, SchemaError, ShapeError,
+                                 UnknownLayerError)
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
@@ -77,8 +78,19 @@ class Net(nn.Module):
                  level: Optional[int] = None, stages: Iterable[str] = (),
                  allow_python_layers: Optional[bool] = None, allow_missing: bool = False,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: Optional[int] = None, device=None, allow_tf32: bool = False):
+                 seed: Optional[int] = None, device=None, allow_tf32: bool = False, schema=None):
         super().__init__()
+        from caffe_compat.proto_schema import active_schema, as_schema, use_schema
+
+        #: a fork's caffe.proto added to the schema (``schema=PATH``), or None
+        self.schema = as_schema(schema) or active_schema()
+        with use_schema(self.schema):
+            self._init(model, weights, phase, level=level, stages=stages,
+                       allow_python_layers=allow_python_layers, allow_missing=allow_missing,
+                       input_shapes=input_shapes, seed=seed, device=device, allow_tf32=allow_tf32)
+
+    def _init(self, model, weights, phase, *, level, stages, allow_python_layers, allow_missing,
+              input_shapes, seed, device, allow_tf32) -> None:
         #: Caffe's fp32 has no TF32; True lets cuDNN/cuBLAS use it (faster, ~1e-3 relative).
         self.allow_tf32 = bool(allow_tf32)
         if isinstance(model, caffe_pb2.NetParameter):
@@ -144,7 +156,11 @@ class Net(nn.Module):
         available: "OrderedDict[str, None]" = OrderedDict()
         seen_names = set()
         force_backward = self.net_param.force_backward
+        self._check_types()
+        fork_lp = self.schema.LayerParameter if self.schema is not None else None
         for idx, lp in enumerate(self.net_param.layer):
+            if fork_lp is not None:  # the fork's own fields come back from unknown fields
+                lp = fork_lp.FromString(lp.SerializeToString())
             name = lp.name or f"{lp.type.lower() or 'layer'}{idx}"
             key = name
             k = 1
@@ -218,6 +234,21 @@ class Net(nn.Module):
         self._by_name = {e.name: e for e in self.entries}
         del force_backward
         self.warnings = self._lint()
+
+    def _check_types(self) -> None:
+        """Every layer type without an implementation, named at once (not one per run)."""
+        from caffe_compat.unknowns import Unknowns
+
+        found = Unknowns()
+        for idx, lp in enumerate(self.net_param.layer):
+            if lp.type == "Python":
+                continue
+            if not registry.is_registered(lp.type):
+                found.types.append((lp.type, lp.name or f"#{idx}", 0))
+        if len(found.types) == 1:
+            registry.lookup(found.types[0][0], layer=found.types[0][1])  # near-match hints
+        if found:
+            raise UnknownLayerError(found.message())
 
     def _lint(self) -> List[str]:
         """Each layer's own wiring warnings (``Layer.lint``), logged once and kept in

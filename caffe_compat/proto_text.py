@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf import descriptor
 from google.protobuf import text_encoding
 
-__all__ = ["to_text", "format_float", "format_double"]
+__all__ = ["to_text", "format_float", "format_double", "is_repeated"]
 
 _FD = descriptor.FieldDescriptor
 
@@ -61,7 +61,7 @@ def _scalar(field, value) -> str:
     return str(value)
 
 
-def _repeated(field) -> bool:
+def is_repeated(field) -> bool:
     """``field.is_repeated`` (protobuf >= 5.28; ``label`` is gone in 7.x) or ``label``."""
     flag = getattr(field, "is_repeated", None)
     return bool(flag) if flag is not None else field.label == _FD.LABEL_REPEATED
@@ -70,7 +70,7 @@ def _repeated(field) -> bool:
 def _print(msg, indent: int, out: List[str]) -> None:
     pad = " " * indent
     for field, value in msg.ListFields():  # known fields, in field-number order, as C++
-        values = value if _repeated(field) else [value]
+        values = value if is_repeated(field) else [value]
         for v in values:
             if field.type in (_FD.TYPE_MESSAGE, _FD.TYPE_GROUP):
                 out.append(f"{pad}{field.name} {{\n")

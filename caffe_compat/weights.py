@@ -29,6 +29,7 @@ import torch
 
 from caffe_compat import limits
 from caffe_compat.errors import CaffeCompatError, LimitError, ParseError, WeightsError
+from caffe_compat.forks import as_written, decode_layer
 from caffe_compat.protos import caffe_pb2
 
 # wire types
@@ -100,6 +101,9 @@ class CaffeLayerWeights:
     type: str
     blobs: List[Optional[CaffeBlob]] = field(default_factory=list)  # None: absent (HDF5 sharers)
     param: Optional[object] = None  # the layer's LayerParameter / V1LayerParameter (no blobs)
+    #: top-level field numbers of the layer's definition that no known schema decodes
+    #: (skipped by wire type; the blobs do not depend on them)
+    skipped_fields: List[int] = field(default_factory=list)
 
 
 def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
@@ -358,6 +362,7 @@ def _layer_name_guess(buf, start: int, end: int, v1: bool) -> Optional[str]:
 
 def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLayerWeights:
     blob_field = 6 if v1 else 7
+    type_name = ""
     rest = bytearray()
     blobs: List[CaffeBlob] = []
     v0: Optional[Tuple[int, int]] = None
@@ -373,6 +378,8 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
             _expect_wire(num, wt, (_LEN,), "V1LayerParameter.layer")
             v0 = (a, b)
             continue
+        if not v1 and num == 2 and wt == _LEN:
+            type_name = bytes(buf[a:b]).decode("utf-8", "replace")
         # re-encode this field for protobuf (small: names, params)
         key = (num << 3) | wt
         rest += _encode_varint(key)
@@ -383,11 +390,15 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
             rest += buf[a:b]
         else:
             rest += buf[a:b]
-    msg = caffe_pb2.V1LayerParameter() if v1 else caffe_pb2.LayerParameter()
-    try:
-        msg.ParseFromString(bytes(rest))
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise ParseError(f"corrupt layer definition: {e}", where=where) from None
+    skipped: List[int] = []
+    if v1:
+        msg = caffe_pb2.V1LayerParameter()
+        try:
+            msg.ParseFromString(bytes(rest))
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ParseError(f"corrupt layer definition: {e}", where=where) from None
+    else:  # a fork's layer is read with that fork's field numbers (caffe_compat.forks)
+        msg, skipped = decode_layer(bytes(rest), type_name)
     if v1:
         lname, ltype = msg.name, _v1_type_name(msg.type)
         if v0 is not None:  # V0: name, type and blobs (field 50) live in the nested message
@@ -416,7 +427,7 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
             lname, ltype = v0msg.name or lname, v0msg.type.upper() or ltype
     else:
         lname, ltype = msg.name, msg.type
-    return CaffeLayerWeights(lname, ltype, blobs, msg)
+    return CaffeLayerWeights(lname, ltype, blobs, msg, skipped)
 
 
 def _encode_varint(v: int) -> bytes:
@@ -458,7 +469,9 @@ def write_caffemodel(path: str, name: str, layers: List[Tuple[object, List[np.nd
         if name:
             f.write(_len_field(1, name.encode("utf-8")))
         for lp, arrays in layers:
-            head, tail = caffe_pb2.LayerParameter(), caffe_pb2.LayerParameter()
+            if isinstance(lp, caffe_pb2.LayerParameter):
+                lp = as_written(lp)  # a fork's layer keeps that fork's field numbers
+            head, tail = type(lp)(), type(lp)()
             head.CopyFrom(lp)
             tail.CopyFrom(lp)
             head.ClearField("blobs")

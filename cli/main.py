@@ -87,6 +87,31 @@ def _register() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in ("main", "__main__"):
             importlib.import_module(f"caffe_compat.cli.{info.name}")
+    for cmd in main.commands.values():
+        _add_schema_option(cmd)
+
+
+def _add_schema_option(cmd: click.Command) -> None:
+    """``--schema FORK.proto`` on every command: net definitions it reads may use the fork's
+    fields (``caffe_compat.proto_schema``).  One place, so no command can miss it."""
+    if any(p.name == "schema" for p in cmd.params) or cmd.callback is None:
+        return
+    cmd.params.append(click.Option(
+        ["--schema"], type=click.Path(dir_okay=False), default=None,
+        help="A fork's caffe.proto whose extra messages and fields the definitions use."))
+    inner = cmd.callback
+
+    @friendly
+    @functools.wraps(inner)
+    def callback(*args, schema=None, **kwargs):
+        if schema is None:
+            return inner(*args, **kwargs)
+        from caffe_compat.proto_schema import use_schema
+
+        with use_schema(schema):  # a bad schema file is one clear error, like any input
+            return inner(*args, **kwargs)
+
+    cmd.callback = callback
 
 
 _register()

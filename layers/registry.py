@@ -9,6 +9,14 @@ imported::
 
     @register_python("rpn.proposal_layer.ProposalLayer")
     class ProposalLayer(Layer): ...
+
+Users add layer types the same way from their own package (``caffe_compat.register_layer``
+is this ``register``), or without importing anything first through an entry point in the
+``caffe_compat.layers`` group, named by the Caffe type, pointing at the Layer subclass (or at a
+module whose import registers its layers); it is loaded the first time the type is looked up::
+
+    [project.entry-points."caffe_compat.layers"]
+    Yolov3 = "mypkg.layers:Yolov3"
 """
 from __future__ import annotations
 
@@ -23,13 +31,17 @@ _TYPES: Dict[str, type] = {}
 _PYTHON: Dict[str, type] = {}
 
 
-def register(*type_names: str) -> Callable[[T], T]:
-    """Register a layer class under one or more Caffe type names."""
+def register(*type_names: str, override: bool = False) -> Callable[[T], T]:
+    """Register a layer class under one or more Caffe type names.
+
+    ``override=True`` replaces an implementation registered before (a fork whose layer of the
+    same name means something else); otherwise registering a taken name is an error."""
 
     def deco(cls: T) -> T:
         for name in type_names:
-            if name in _TYPES and _TYPES[name] is not cls:
-                raise ValueError(f"layer type '{name}' registered twice ({_TYPES[name]} and {cls})")
+            if name in _TYPES and _TYPES[name] is not cls and not override:
+                raise ValueError(f"layer type '{name}' registered twice ({_TYPES[name]} and {cls}); "
+                                 "pass override=True to replace it")
             _TYPES[name] = cls  # type: ignore[assignment]
         cls.type_names = tuple(type_names)  # type: ignore[attr-defined]
         return cls
@@ -48,21 +60,54 @@ def register_python(*module_layers: str) -> Callable[[T], T]:
     return deco
 
 
+ENTRY_POINT_GROUP = "caffe_compat.layers"
+
+
 def _ensure_loaded() -> None:
     import caffe_compat.layers  # noqa: F401  (registers every family)
 
 
-def lookup(type_name: str, *, layer: str | None = None) -> type:
-    """The class for a Caffe type name; an error lists near matches and how to register."""
+def _from_entry_point(type_name: str) -> type | None:
+    """Load the ``caffe_compat.layers`` entry point named ``type_name``, if one is installed."""
+    import inspect
+    from importlib.metadata import entry_points
+
+    try:
+        eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == type_name]
+    except Exception:  # a broken distribution's metadata must not break lookups
+        return None
+    for ep in eps:
+        try:
+            obj = ep.load()
+        except Exception as e:
+            raise UnknownLayerError(f"layer type '{type_name}': its entry point {ep.value!r} "
+                                    f"failed to load: {type(e).__name__}: {e}") from e
+        if inspect.isclass(obj) and type_name not in _TYPES:
+            register(type_name)(obj)
+        if type_name in _TYPES:
+            return _TYPES[type_name]
+    return None
+
+
+def is_registered(type_name: str) -> bool:
+    """Whether ``type_name`` has an implementation (built in, registered, or an entry point)."""
     _ensure_loaded()
-    cls = _TYPES.get(type_name)
+    return type_name in _TYPES or _from_entry_point(type_name) is not None
+
+
+def lookup(type_name: str, *, layer: str | None = None) -> type:
+    """The class for a Caffe type name; an error names the fork, near matches and the ways forward."""
+    _ensure_loaded()
+    cls = _TYPES.get(type_name) or _from_entry_point(type_name)
     if cls is None:
+        from caffe_compat.forks import describe_type
+        from caffe_compat.unknowns import WAYS_FORWARD
+
         near = difflib.get_close_matches(type_name, list(_TYPES), n=3, cutoff=0.6)
         near += [t for t in _TYPES if t.lower() == type_name.lower() and t not in near]
         hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
         raise UnknownLayerError(
-            f"unknown layer type '{type_name}'.{hint} Register an implementation with "
-            "@caffe_compat.layers.registry.register('%s') on a Layer subclass." % type_name,
+            f"unknown layer type '{type_name}'{describe_type(type_name)}.{hint} {WAYS_FORWARD}",
             layer=layer,
         )
     return cls
