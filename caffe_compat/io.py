@@ -226,7 +226,7 @@ def _raise_with_unknowns(e: ParseError, text: str, name: str, schema) -> None:
 
     root = schema.NetParameter.DESCRIPTOR if schema is not None else None
     found = scan(text, root)
-    if found:
+    if len(found.fields) > 1 or found.types:  # one misspelling keeps protobuf's located hint
         raise ParseError(found.message(), where=e.where) from None
 
 

@@ -35,7 +35,7 @@ class Unknowns:
         return bool(self.fields or self.types)
 
     def message(self) -> str:
-        from caffe_compat.forks import describe_type, forks
+        from caffe_compat.forks import describe_type
 
         parts = []
         if self.types:
@@ -51,11 +51,21 @@ class Unknowns:
         if self.fields:
             items = []
             for msg, name, line in self.fields:
-                known = [f for f in forks() if any(r[1] == name for r in f.rows)]
-                src = f" (in {known[0].name}: {known[0].source})" if known else ""
-                items.append(f"{msg}.{name} at line {line}{src}")
+                items.append(f"{msg}.{name} at line {line}{_near(msg, name)}")
             parts.append(f"{len(self.fields)} unknown field(s): " + "; ".join(items))
         return ". ".join(parts) + ". " + WAYS_FORWARD
+
+
+def _near(message: str, name: str) -> str:
+    """' (did you mean a, b?)' from the message's own fields, or ''."""
+    import difflib
+
+    try:
+        desc = caffe_pb2.DESCRIPTOR.pool.FindMessageTypeByName(f"caffe.{message}")
+    except KeyError:
+        return ""
+    near = difflib.get_close_matches(name, list(desc.fields_by_name), n=2, cutoff=0.75)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
 def _tokens(text: str):

@@ -60,6 +60,8 @@ def union(master: list[dict], fork: list[dict], *forks: list[dict]) -> "OrderedD
     private = PRIVATE_BASE
     for rows in forks:
         for r in rows:
+            if r["message"].startswith(("V1LayerParameter", "V0LayerParameter")):
+                continue  # the V1/V0 formats are frozen: Caffe's upgrade knows no fork's types
             fields = out.setdefault(r["message"], OrderedDict())
             if r["field"] in fields:
                 continue

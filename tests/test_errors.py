@@ -319,7 +319,7 @@ CASES: List[Case] = [
     Case("unknown-type", "unknown layer type",
          _net_text(HEAD + 'layer { name: "c" type: "Convolutin" bottom: "data" top: "c" }'),
          UnknownLayerError, r"unknown layer type 'Convolutin'\. Did you mean 'Convolution'.*"
-                            r"Register an implementation with @caffe_compat\.layers\.registry\.register",
+                            r"@caffe_compat\.register_layer\('Type'\)",
          layer="c"),
     Case("unknown-bottom", "bottom that no layer produces",
          _net_text(HEAD + 'layer { name: "r" type: "ReLU" bottom: "dat" top: "r" }'),
