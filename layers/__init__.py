@@ -11,4 +11,6 @@ from caffe_compat.layers import (  # noqa: F401  (each module registers its laye
     python,
     rpn,
     roi_data,
+    yolo,
+    ctpn,
 )
