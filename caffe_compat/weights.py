@@ -571,6 +571,8 @@ def _legacy_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
 
 
 def _shape_matches(target: Tuple[int, ...], blob: CaffeBlob) -> bool:
+    if tuple(target) in ((), (1,)) and blob.shape in ((), (1,)):
+        return True  # Caffe writes a 0-D blob (Normalize's shared scale) with no dims at all
     if blob.legacy:
         return len(target) <= 4 and _legacy_shape(target) == blob.shape
     return tuple(target) == blob.shape

@@ -13,4 +13,5 @@ from caffe_compat.layers import (  # noqa: F401  (each module registers its laye
     roi_data,
     yolo,
     ctpn,
+    ssd,
 )
