@@ -14,4 +14,6 @@ from caffe_compat.layers import (  # noqa: F401  (each module registers its laye
     yolo,
     ctpn,
     ssd,
+    segmentation,
+    dense_image_data,
 )
