@@ -16,4 +16,7 @@ from caffe_compat.layers import (  # noqa: F401  (each module registers its laye
     ssd,
     segmentation,
     dense_image_data,
+    multibox_loss,
+    detection_evaluate,
+    annotated_data,
 )
