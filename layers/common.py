@@ -1,4 +1,5 @@
-"""Common layers: inner products, normalisation, element-wise math and blob plumbing.
+"""Common layers: inner products, normalisation, element-wise math and blob plumbing, plus
+two fork layers of the same kind (ShuffleNet's ShuffleChannel, SENet's Axpy).
 
 Every layer follows Caffe's ``*_layer.cpp`` semantics (shapes, defaults, tie breaking,
 quirks such as MVN's 4-D top or ArgMax's index ordering); autograd supplies the backward
@@ -915,3 +916,95 @@ class BatchReindex(Layer):
                 raise self.error(ShapeError, f"reindex index out of range [0, {x.shape[0]}): "
                                              f"got values from {lo} to {hi}")
         return (x.index_select(0, idx),)
+
+
+# ---------------------------------------------------------------------------- fork layers
+@register("ShuffleChannel")
+class ShuffleChannel(Layer):
+    """ShuffleNet's channel shuffle (farmingyard/ShuffleNet @
+    b9624442bd410bbd2aadc820122b138e63039d70, ``shuffle_channel_layer.cpp``).
+
+    ``shuffle_channel_param { group }``: the channels, seen as a ``group x (C / group)``
+    matrix, are transposed: input channel ``i * (C / group) + j`` becomes output channel
+    ``j * group + i``.  The fork's backward applies the inverse permutation, which is
+    autograd's.  ``group`` must be positive and divide ``C`` (the fork's CHECKs).  The top
+    has the fork's legacy 4-D shape ``(num, channels, height, width)``: a 2-D or 3-D bottom
+    gains trailing 1s; more than 4 axes is an error, as in the fork.
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self.group = int(param.shuffle_channel_param.group)
+        if self.group <= 0:
+            raise self.error(SchemaError, f"shuffle_channel_param.group must be > 0, got "
+                                          f"{self.group}")
+        self._check(tuple(bottom_shapes[0]))
+
+    def _check(self, shape: Shape) -> Shape:
+        if not 2 <= len(shape) <= 4:
+            raise self.error(ShapeError, f"ShuffleChannel needs a bottom with 2 to 4 axes "
+                                         f"(N, C[, H[, W]]), got {shape}")
+        c = int(shape[1])
+        if c % self.group:
+            raise self.error(ShapeError, f"{c} channels cannot be split into "
+                                         f"shuffle_channel_param.group {self.group} groups")
+        return tuple(int(d) for d in shape) + (1,) * (4 - len(shape))
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        n, c, h, w = self._check(tuple(x.shape))
+        y = x.reshape(n, self.group, c // self.group, h, w).transpose(1, 2)
+        return (y.reshape(n, c, h, w),)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, group={self.group}"
+
+
+@register("Axpy")
+class Axpy(Layer):
+    """SENet's fused channel scale + shortcut (hujie-frank/SENet @
+    0262d43d44c561fd53c3dba210cc8bacfc60500d, ``axpy_layer.cpp``/``.cu``).
+
+    Bottoms ``a`` (N, C) or (N, C, 1, 1), ``x`` and ``y`` (N, C, ...), same shape; top
+    ``a * x + y`` of ``x``'s shape.  The fork's backward is the exact gradient: ``a``
+    gets ``sum over the spatial positions of dtop * x`` (its gemv / block reduction),
+    ``x`` gets ``a * dtop`` and ``y`` gets ``dtop``, so autograd gives it.
+
+    Checks are the fork's Reshape CHECKs (batch and channel of ``a`` and ``x`` agree; a 4-D
+    ``a`` is 1 x 1; ``x`` and ``y`` have one shape), plus: ``a`` holds exactly N * C values
+    (the fork would read the first N * C of a larger blob).  Running in place on ``a`` or
+    ``x`` is refused: the fork's CPU forward then overwrites ``x`` with ``y`` before adding
+    (in place on ``y``, the usual residual form, is fine).
+    """
+
+    exact_bottoms = 3
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        if self.top_names and self.top_names[0] in self.bottom_names[:2]:
+            raise self.error(GraphError, f"Axpy cannot run in place on its scale or x bottom "
+                                         f"('{self.top_names[0]}'); only on y")
+        self._check(*[tuple(s) for s in bottom_shapes])
+
+    def _check(self, a: Shape, x: Shape, y: Shape) -> None:
+        if len(a) < 2 or len(x) < 2:
+            raise self.error(ShapeError, f"Axpy needs a scale (N, C[, 1, 1]) and x (N, C, ...) "
+                                         f"with at least 2 axes, got {a} and {x}")
+        if a[0] != x[0] or a[1] != x[1]:
+            raise self.error(ShapeError, f"scale shape {a} must match x {x} in batch and "
+                                         "channels")
+        if len(a) == 4 and (a[2] != 1 or a[3] != 1):
+            raise self.error(ShapeError, f"a 4-D scale must be (N, C, 1, 1), got {a}")
+        if _count(a) != _count(x, 0, 2):
+            raise self.error(ShapeError, f"scale shape {a} must hold one value per (n, c) of "
+                                         f"x {x}")
+        if tuple(x) != tuple(y):
+            raise self.error(ShapeError, f"x {x} and y {y} must have the same shape")
+
+    def forward(self, a: Tensor, x: Tensor, y: Tensor) -> Tuple[Tensor]:
+        self._check(tuple(a.shape), tuple(x.shape), tuple(y.shape))
+        scale = a.reshape(tuple(x.shape[:2]) + (1,) * (x.dim() - 2))
+        return (scale * x + y,)

@@ -6,6 +6,8 @@ wherever Caffe's backward is the derivative of its forward; the exceptions are s
 - ``Power``: Caffe divides ``y / (shift + scale * x)`` in backward, so its gradient is NaN/inf
   where the base is 0 (and exactly 0 when ``power * scale == 0``); ``_CaffePower`` copies that.
 - ``Clip``: the gradient passes where ``min <= x <= max`` (bounds included), BVLC master.
+- ``ReLU6`` (the YOLO ports): the fork's backward ignores the cap at 6 on the negative-slope
+  side, and is 0 at exactly 6; the forward builds that gradient in.
 - ``Threshold``: Caffe has no backward (it aborts); here the top is not differentiable,
   i.e. the bottom gets a zero gradient.
 - In-place (top == bottom) layers whose Caffe backward reads the bottom (then holding the
@@ -30,7 +32,7 @@ from caffe_compat.layers.registry import register
 from caffe_compat.protos import caffe_pb2
 
 __all__ = [
-    "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "Log", "BNLL",
+    "ReLU", "ReLU6", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "Log", "BNLL",
     "Threshold", "Clip", "Swish", "Dropout", "caffe_power", "random_uniform",
 ]
 
@@ -107,6 +109,42 @@ class ReLU(_Neuron):
         if self.negative_slope == 0.0:
             return (F.relu(x),)
         return self._finish(x, F.leaky_relu(x, self.negative_slope))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, negative_slope={self.negative_slope}"
+
+
+@register("ReLU6")
+class ReLU6(_Neuron):
+    """The YOLO/MobileNet ports' ReLU6 (eric612/MobileNet-YOLO @
+    69b4441cb3ec8d553fbdef788ad033e246f901bd, ``relu6_layer.cpp``/``.cu``).
+
+    ``relu6_param`` is a ReLUParameter there and its ``negative_slope`` is honoured:
+    ``y = min(max(x, 0) + negative_slope * min(x, 0), 6)``.  The fork's backward is
+    ``dy * (x > 0 ? 1 : negative_slope) * (x < 6)``: the slope at exactly 0, zero at exactly 6,
+    and, with a negative slope whose ``slope * x`` reaches the cap, still the slope (the
+    backward ignores that cap).  The forward below builds that gradient into the graph.
+    """
+
+    def __init__(self, param, bottom_shapes, ctx):
+        super().__init__(param, bottom_shapes, ctx)
+        self.negative_slope = float(param.relu6_param.negative_slope)
+        # in place the fork's backward reads the top: only a negative slope changes its sign
+        self.inplace_differs = self.negative_slope < 0
+
+    def caffe_local_grad(self, b: Tensor, y: Tensor) -> Tensor:
+        slope = torch.where(b > 0, torch.ones_like(b), torch.full_like(b, self.negative_slope))
+        return slope * (b < 6).to(b.dtype)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        xd = x.detach()
+        six = torch.full_like(xd, 6.0)
+        lin = x * self.negative_slope  # the x <= 0 branch, gradient = slope
+        lin_d = lin.detach()
+        # slope * x above 6 (negative slope only): value 6, gradient still the slope
+        neg = torch.where(lin_d > 6, (lin - lin_d) + six, lin)
+        pos = torch.where(xd < 6, x, six)  # 6 and above: constant, gradient 0
+        return self._finish(x, torch.where(xd > 0, pos, neg))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, negative_slope={self.negative_slope}"

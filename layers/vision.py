@@ -1,4 +1,5 @@
-"""Vision layers: Convolution, Deconvolution, Pooling, LRN, SPP, Im2col.
+"""Vision layers: Convolution, Deconvolution, Pooling, LRN, SPP, Im2col, and the MobileNet
+forks' depthwise convolution types (DepthwiseConvolution, ConvolutionDepthwise).
 
 Each is one torch op where Caffe's semantics allow it, with explicit padding where Caffe's
 geometry differs from PyTorch's:
@@ -11,6 +12,7 @@ geometry differs from PyTorch's:
   ``k - 1``; with pad 0 and stride > kernel, ceil mode can create windows that lie
   entirely past the input (MAX gives ``-FLT_MAX``, AVE ``0/0 = NaN`` or ``-0``, exactly as
   Caffe's CPU code).  MAX ties go to the first maximum in row-major scan order.
+  ``round_mode: FLOOR`` (BVLC master) and ``ceil_mode: false`` (the model-zoo forks) floor.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from caffe_compat.layers.neuron import random_uniform
 from caffe_compat.layers.registry import register
 from caffe_compat.protos import caffe_pb2
 
-__all__ = ["Convolution", "Deconvolution", "Pooling", "LRN", "SPP", "Im2col",
+__all__ = ["Convolution", "Deconvolution", "DepthwiseConvolution", "ConvolutionDepthwise",
+           "Pooling", "LRN", "SPP", "Im2col",
            "caffe_pool2d", "caffe_pooled_size"]
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -149,8 +152,7 @@ class Convolution(_ConvGeometry):
         if self.num_spatial > 3:
             raise self.error(ShapeError, f"{self.num_spatial} spatial axes are not supported "
                                          "(at most 3)")
-        self.num_output = int(cp.num_output)
-        self.group = int(cp.group)
+        self.num_output, self.group = self._output_and_group(cp)
         if self.num_output <= 0:
             raise self.error(SchemaError, "num_output must be positive")
         if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
@@ -166,6 +168,10 @@ class Convolution(_ConvGeometry):
             self.add_blob("bias", (self.num_output,), cp.bias_filler)
         else:
             self.bias = None
+
+    def _output_and_group(self, cp) -> Tuple[int, int]:
+        """``(num_output, group)``; the depthwise forks' layer types override it."""
+        return int(cp.num_output), int(cp.group)
 
     def add_bias(self, value: Tensor) -> Tensor:
         """Give a convolution built without ``bias_term`` its ``bias`` blob (Caffe's blob 1).
@@ -230,6 +236,67 @@ class Deconvolution(Convolution):
                                              f"{n}, kernel {k}, stride {s}, pad {p}, dilation {d}")
         return _CONV_T[nsp](xb, w, self.bias, tuple(stride), tuple(pad), 0, self.group,
                             tuple(dil))
+
+
+@register("DepthwiseConvolution")
+class DepthwiseConvolution(Convolution):
+    """The MobileNet fork's "DepthwiseConvolution" (yonghenglh6/DepthwiseConvolution, as
+    copied into eric612/MobileNet-YOLO @ 69b4441cb3ec8d553fbdef788ad033e246f901bd,
+    ``depthwise_conv_layer.cpp``/``.cu``): a BaseConvolutionLayer whose CPU path is plain
+    Caffe convolution with the prototxt's ``group`` and ``num_output`` (the fork's tool
+    renames every ``group != 1`` Convolution to this type), so it is Convolution itself.
+
+    Its CUDA kernel is only right for ``group == channels == num_output`` and ignores
+    ``dilation``; nets outside that case are flagged by ``lint`` (the GPU fork would compute
+    something else there).
+    """
+
+    def lint(self, bottom_producers) -> List[str]:
+        c = self.channels
+        if self.group == c and self.num_output == c and all(d == 1 for d in self.dilation):
+            return []
+        return [f"DepthwiseConvolution with group {self.group}, num_output {self.num_output}, "
+                f"dilation {self.dilation} on {c} channels: computed as a grouped Convolution "
+                "(the fork's CPU path); the fork's GPU kernel assumes group == channels == "
+                "num_output and no dilation, and would give other results"]
+
+
+@register("ConvolutionDepthwise")
+class ConvolutionDepthwise(Convolution):
+    """The ShuffleNet/MobileNet-SSD forks' "ConvolutionDepthwise" (farmingyard/caffe-mobilenet
+    @ f7d7d130761727560f201c1ff5c274e938888b5f, ``conv_dw_layer.cpp``, from BVLC pull request
+    5665): one filter per input channel whatever ``num_output`` and ``group`` say.
+
+    The fork sizes its blobs from the bottom alone (weight ``(C, 1, kh, kw)``, bias ``(C,)``),
+    gives the top ``C`` channels, takes one 4-D bottom and honours kernel/stride/pad/dilation
+    (``_h``/``_w`` forms included) and ``bias_term``; its output size is Caffe's.  So it is
+    Convolution with ``num_output = group = C``.  ``axis`` other than 1 is refused (the fork
+    has no such notion); a ``num_output`` other than ``C`` is ignored, as the fork does, and
+    reported by ``lint``.
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, bottom_shapes, ctx):
+        shape = tuple(bottom_shapes[0]) if bottom_shapes else ()
+        if len(shape) != 4:
+            raise GraphError(f"ConvolutionDepthwise needs one 4-D bottom (N, C, H, W), got "
+                             f"{[tuple(s) for s in bottom_shapes]}", layer=param.name)
+        if param.convolution_param.axis != 1:
+            raise SchemaError("ConvolutionDepthwise works on axis 1 only, got axis "
+                              f"{param.convolution_param.axis}", layer=param.name)
+        super().__init__(param, bottom_shapes, ctx)
+
+    def _output_and_group(self, cp) -> Tuple[int, int]:
+        return self.channels, self.channels
+
+    def lint(self, bottom_producers) -> List[str]:
+        cp = self.param.convolution_param
+        if cp.HasField("num_output") and int(cp.num_output) != self.channels:
+            return [f"ConvolutionDepthwise: num_output {cp.num_output} is ignored; the top has "
+                    f"the bottom's {self.channels} channels (as in the fork)"]
+        return []
 
 
 @register("Im2col")
@@ -450,11 +517,31 @@ class Pooling(Layer):
             for k, p in zip(self.kernel, self.pad):
                 if p >= k and p:
                     raise self.error(SchemaError, f"pad {p} must be smaller than kernel {k}")
-        rm = _check_enum(self, pp.round_mode, {0: "CEIL", 1: "FLOOR"}, "round_mode")
-        self.ceil = rm == 0
+        self.ceil = self._parse_rounding(pp)
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
             raise self.error(ShapeError, f"Pooling needs a 4-D bottom (N, C, H, W), got {shape}")
+
+    def _parse_rounding(self, pp) -> bool:
+        """Ceil (True) or floor (False) output sizes, from BVLC master's ``round_mode`` or the
+        model-zoo forks' ``ceil_mode`` (BVLC pull request 3057, used by DenseNet/DPN/ResNeXt).
+
+        PR 3057's Reshape only swaps ``ceil`` for ``floor`` in the size formula and keeps the
+        rule that drops a last window starting in the padding, which is what BVLC master's
+        ``round_mode: FLOOR`` does too (with floor that rule never fires, as pad < kernel):
+        ``ceil_mode: false`` is ``round_mode: FLOOR`` and ``ceil_mode: true`` is ``CEIL``.
+        Both may be given if they agree; contradicting values are refused.
+        """
+        rm = _check_enum(self, pp.round_mode, {0: "CEIL", 1: "FLOOR"}, "round_mode")
+        ceil = rm == 0
+        if "ceil_mode" in pp.DESCRIPTOR.fields_by_name and pp.HasField("ceil_mode"):
+            if pp.HasField("round_mode") and bool(pp.ceil_mode) != ceil:
+                raise self.error(SchemaError, f"ceil_mode: {str(bool(pp.ceil_mode)).lower()} "
+                                              f"contradicts round_mode: {'CEIL' if ceil else 'FLOOR'}"
+                                              "; give one of them (ceil_mode: false means "
+                                              "round_mode: FLOOR)")
+            ceil = bool(pp.ceil_mode)
+        return ceil
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         kernel = self.kernel if self.kernel is not None else [int(x.shape[-2]), int(x.shape[-1])]

@@ -195,6 +195,13 @@ class Region(Layer):
             raise self.error(SchemaError, f"region_param.classes must be >= 0, got {self.classes}")
         if self.num < 1:
             raise self.error(SchemaError, f"region_param.num must be >= 1, got {self.num}")
+        # darknet2caffe's prototxts also carry the .cfg's training keys (read, not used at
+        # deploy) and anchors (used when boxes are decoded after this layer); only a class
+        # activation other than darknet's softmax would change this layer's output
+        if p.HasField("softmax") and p.softmax != 1:
+            raise self.error(SchemaError, f"region_param.softmax {p.softmax} is not supported "
+                                          "(darknet's region layer with softmax: 1 is)")
+        self.anchors = [float(a) for a in p.anchors.replace(",", " ").split()] if p.anchors else []
         self._check(tuple(bottom_shapes[0]))
 
     def _check(self, shape: Shape) -> None:

@@ -424,3 +424,19 @@ def test_tiny_yolo2_net_matches_opencv(tmp_path):
 def test_region_errors_are_caffe_compat_errors():
     with pytest.raises(CaffeCompatError):
         Net(YOLO_NET.replace("num: 2 }", "num: 3 }"), phase="test")
+
+
+def test_region_reads_darknet2caffe_region_param():
+    """darknet2caffe writes the .cfg's keys into region_param (anchors as one string)."""
+    text = ('input: "x" input_shape { dim: 1 dim: 30 dim: 2 dim: 2 }\n'
+            'layer { name: "region" type: "Region" bottom: "x" top: "r" region_param {\n'
+            '  anchors: "1.08, 1.19,  3.42,4.41" bias_match: 1 classes: 10 coords: 4 num: 2\n'
+            '  softmax: 1 jitter: .2 rescore: 1 object_scale: 5 noobject_scale: 1 class_scale: 1\n'
+            '  coord_scale: 1 absolute: 1 thresh: .6 random: 0 } }\n')
+    net = Net(text, phase="test")
+    assert net.layer("region").anchors == [1.08, 1.19, 3.42, 4.41]
+    x = torch.randn(1, 30, 2, 2)
+    np.testing.assert_array_equal(net.forward(x=x)["r"].numpy(),
+                                  yolo.region_activate(x, 2, 4, 10).numpy())
+    with pytest.raises(SchemaError, match="softmax 0 is not supported"):
+        Net(text.replace("softmax: 1", "softmax: 0"), phase="test")
