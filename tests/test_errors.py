@@ -262,6 +262,15 @@ CASES: List[Case] = [
     Case("unknown-field", "misspelled field name",
          _net_file(HEAD + 'layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_parm { pool: MAX } }'),
          ParseError, r'has no field named "pooling_parm" \(did you mean pooling_param', where=r"net\.prototxt:3:\d+$"),
+    Case("unknown-fork-things", "a fork's model: several unknown layer types and param blocks",
+         _net_file(HEAD + 'layer { name: "y" type: "Yolov3" bottom: "data" top: "y" yolov3_param { num_class: 2 } }\n'
+                          'layer { name: "z" type: "Mystery" bottom: "y" top: "z" mystery_param { a: 1 } }\n'
+                          'layer { name: "w" type: "Mystery" bottom: "z" top: "w" convolution_param { bogus: 1 } }'),
+         ParseError, r"2 unknown layer type\(s\): 'Yolov3' \(from yolo: eric612/MobileNet-YOLO@69b4441\).*"
+                     r"'Mystery' \(no fork caffe-compat knows\): layer 'z' \(line 4\), 'w' \(line 5\)\. "
+                     r"2 unknown field\(s\): LayerParameter\.mystery_param at line 4; "
+                     r"ConvolutionParameter\.bogus at line 5\. Ways forward: .*--schema.*register_layer",
+         where=r"net\.prototxt:4:\d+$"),
     Case("enum-name", "enum value name that does not exist",
          _net_file(HEAD + 'layer { name: "p" type: "Pooling" bottom: "data" top: "p"\n'
                           '  pooling_param { pool: MAXX kernel_size: 2 } }'),
