@@ -327,3 +327,37 @@ def test_fork_table_facts_are_consistent():
     assert forks.fork_of_type("PriorBox").name == "ssd"
     assert [f.name for f in forks.forks_of_type("BN")][:2] == ["segnet", "enet"]
     assert os.path.exists(os.path.join(forks.FORKS_DIR, "FORKS.tsv"))
+
+
+@pytest.mark.parametrize("type_,number,payload,check", [
+    # (layer type, the fork's LayerParameter field number, the param message's bytes, check)
+    ("Upsample", 147, varint_field(1, 3),  # ENet: upsample_param = 147 (BVLC's swish_param)
+     lambda p: p.upsample_param.scale == 3 and not p.HasField("swish_param")),
+    ("DenseImageData", 46, _len_field(1, b"list.txt") + varint_field(2, 4),  # ENet: 46
+     lambda p: p.dense_image_data_param.source == "list.txt" and p.dense_image_data_param.batch_size == 4),
+    ("PSROIPooling", 10001, float_field(1, 0.0625) + varint_field(2, 21) + varint_field(3, 7),  # R-FCN
+     lambda p: p.psroi_pooling_param.output_dim == 21 and p.psroi_pooling_param.group_size == 7),
+    ("ShuffleChannel", 164, varint_field(1, 3),  # ShuffleNet's README: 164
+     lambda p: p.shuffle_channel_param.group == 3),
+    ("Lstm", 140, varint_field(1, 64) + float_field(2, 0.5),  # CTPN: lstm_param = 140
+     lambda p: p.lstm_param.num_output == 64 and abs(p.lstm_param.clipping_threshold - 0.5) < 1e-7),
+    ("Reverse", 143, varint_field(1, 0),  # CTPN: reverse_param = 143 (BVLC's input_param)
+     lambda p: p.HasField("reverse_param") and not p.HasField("input_param")),
+    ("Transpose", 142, varint_field(1, 1) + varint_field(1, 0),  # CTPN: transpose_param = 142
+     lambda p: list(p.transpose_param.dim) == [1, 0]),
+    ("Region", 214, varint_field(1, 4) + varint_field(2, 80) + varint_field(3, 5),  # Intel's Caffe
+     lambda p: (p.region_param.classes, p.region_param.num) == (80, 5)),
+    ("ReLU6", 211, float_field(2, 0.0),  # eric612: relu6_param = 211 (a ReLUParameter)
+     lambda p: p.HasField("relu6_param")),
+    ("Normalize", 206, varint_field(1, 0) + varint_field(3, 1) + float_field(4, 1e-10),  # SSD
+     lambda p: not p.norm_param.across_spatial and p.norm_param.channel_shared),
+    ("DetectionOutput", 204, varint_field(1, 21) + varint_field(7, 200)  # SSD, nested nms_param
+     + _len_field(4, float_field(1, 0.45) + varint_field(2, 400)),
+     lambda p: p.detection_output_param.keep_top_k == 200
+     and p.detection_output_param.nms_param.top_k == 400),
+])
+def test_each_forks_binary_numbers_are_read_by_layer_type(tmp_path, type_, number, payload, check):
+    path = write_model(tmp_path / "fork.caffemodel", layer_bytes("l", type_, _len_field(number, payload)))
+    _, layers = read_caffemodel(path)
+    assert check(layers[0].param), layers[0].param
+    assert layers[0].skipped_fields == []
