@@ -100,21 +100,26 @@ class DataTransformer:
         return c, h, w
 
     # ------------------------------------------------------------------ decoding
+    def decode_image(self, datum) -> np.ndarray:
+        """An encoded ``Datum``'s image (H, W[, C]) as OpenCV decodes it, honouring
+        ``force_color`` / ``force_gray`` (Caffe's DecodeDatumToCVMat)."""
+        import cv2
+
+        if self.force_color:
+            flag = cv2.IMREAD_COLOR
+        elif self.force_gray:
+            flag = cv2.IMREAD_GRAYSCALE
+        else:
+            flag = cv2.IMREAD_UNCHANGED
+        img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
+        if img is None:
+            raise DataError("could not decode an encoded Datum", layer=self.layer)
+        return img
+
     def decode_datum(self, datum) -> np.ndarray:
         """A ``caffe_pb2.Datum`` as a (C, H, W) array: decoded image, uint8 bytes or float_data."""
         if datum.encoded:
-            import cv2
-
-            if self.force_color:
-                flag = cv2.IMREAD_COLOR
-            elif self.force_gray:
-                flag = cv2.IMREAD_GRAYSCALE
-            else:
-                flag = cv2.IMREAD_UNCHANGED
-            img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
-            if img is None:
-                raise DataError("could not decode an encoded Datum", layer=self.layer)
-            return hwc_to_chw(img, layer=self.layer)
+            return hwc_to_chw(self.decode_image(datum), layer=self.layer)
         c, h, w = int(datum.channels), int(datum.height), int(datum.width)
         n = c * h * w
         if len(datum.data):

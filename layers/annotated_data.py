@@ -274,18 +274,7 @@ class _SSDTransformer:
         """``(image, encoded)``: HWC (or HW) uint8 for encoded / raw byte data, HWC float32
         for ``float_data``."""
         if datum.encoded:
-            import cv2
-
-            if self.base.force_color:
-                flag = cv2.IMREAD_COLOR
-            elif self.base.force_gray:
-                flag = cv2.IMREAD_GRAYSCALE
-            else:
-                flag = cv2.IMREAD_UNCHANGED
-            img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
-            if img is None:
-                raise DataError("could not decode an encoded Datum", layer=self.layer)
-            return img, True
+            return self.base.decode_image(datum), True
         chw = self.base.decode_datum(datum)
         if chw.size == 0:
             raise DataError(f"a Datum of {chw.shape[0]}x{chw.shape[1]}x{chw.shape[2]} holds no pixel",

@@ -209,6 +209,22 @@ def _read_image(path: str, new_height: int, new_width: int, is_color: bool) -> O
 class _BatchedSource(_DataBase):
     """Data/ImageData: a transformer, a batch size, a cursor over items."""
 
+    def _start_list(self, lines: list) -> None:
+        """Take a list file's items: shuffle if asked, then Caffe's random skip (rand_skip)."""
+        self.lines = lines
+        if self.shuffle:
+            self._shuffle()
+        self.pos = 0
+        if self.rand_skip:
+            self.pos = int(torch.randint(0, self.rand_skip, (1,), generator=self._generator))
+            if self.pos >= len(lines):
+                raise self.error(DataError, f"not enough images ({len(lines)}) to skip {self.pos}")
+        self._problem = None
+
+    def _shuffle(self) -> None:
+        perm = torch.randperm(len(self.lines), generator=self._generator).tolist()
+        self.lines = [self.lines[i] for i in perm]
+
     def _stack(self, images: List[np.ndarray], labels: List[float]) -> Tuple[Tensor, ...]:
         first = self.transformer.infer_shape(images[0].shape)
         data = np.stack([self.transformer.transform(im, first) for im in images])
@@ -389,20 +405,8 @@ class ImageData(_BatchedSource):
         if not lines:
             self._problem = f"image list '{self.source}' is empty"
             return False
-        self.lines = lines
-        if self.shuffle:
-            self._shuffle()
-        self.pos = 0
-        if self.rand_skip:
-            self.pos = int(torch.randint(0, self.rand_skip, (1,), generator=self._generator))
-            if self.pos >= len(lines):
-                raise self.error(DataError, f"not enough images ({len(lines)}) to skip {self.pos}")
-        self._problem = None
+        self._start_list(lines)
         return True
-
-    def _shuffle(self) -> None:
-        perm = torch.randperm(len(self.lines), generator=self._generator).tolist()
-        self.lines = [self.lines[i] for i in perm]
 
     def _load(self, i: int, raise_errors: bool = True) -> Optional[np.ndarray]:
         path = self.root_folder + self.lines[i][0]

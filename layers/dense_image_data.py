@@ -114,20 +114,8 @@ class DenseImageData(_BatchedSource):
         if not pairs:
             self._problem = f"image list '{self.source}' holds no 'image label_image' pair"
             return False
-        self.lines = pairs
-        if self.shuffle:
-            self._shuffle()
-        self.pos = 0
-        if self.rand_skip:
-            self.pos = int(torch.randint(0, self.rand_skip, (1,), generator=self._generator))
-            if self.pos >= len(pairs):
-                raise self.error(DataError, f"not enough images ({len(pairs)}) to skip {self.pos}")
-        self._problem = None
+        self._start_list(pairs)
         return True
-
-    def _shuffle(self) -> None:
-        perm = torch.randperm(len(self.lines), generator=self._generator).tolist()
-        self.lines = [self.lines[i] for i in perm]
 
     # ------------------------------------------------------------------ items
     def _read_pair(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
