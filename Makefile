@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(BIN)/python -m caffe_compat.demo
+	$(BIN)/python -m caffe_compat.frcnn.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -35,7 +35,7 @@ FRCNN = CORPUS / "py-faster-rcnn"
 
 
 def _data(tmp: str, images: int):
-    from caffe_compat.datasets.synthetic_voc import write_dataset
+    from caffe_compat.frcnn.datasets.synthetic_voc import write_dataset
 
     d = os.path.join(tmp, "voc")
     # VOC-like sizes (about 375 x 500), so scale 600 gives the usual ~600 x 800 input
@@ -46,9 +46,10 @@ def _data(tmp: str, images: int):
 @contextlib.contextmanager
 def corpus_solver(name: str, data_dir: str, device: str, out_dir: str) -> Iterator:
     """The corpus' end2end solver for ``name`` on the synthetic set, seeded random weights;
-    py-faster-rcnn's cfg stays active (the RPN layers read it while stepping)."""
-    from caffe_compat.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
-    from caffe_compat.frcnn.train import SolverWrapper, combined_roidb, seed_everything
+    py-faster-rcnn's cfg stays active (the nets are built under it, the roidb reads it)."""
+    from caffe_compat.frcnn.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
+    from caffe_compat.frcnn.train import SolverWrapper, combined_roidb
+    from caffe_compat.trainer import seed_everything
 
     cwd = os.getcwd()
     os.chdir(FRCNN)  # the solvers name their nets relative to py-faster-rcnn's root
@@ -82,7 +83,7 @@ def bench_train(name: str, data_dir: str, device: str, iters: int, warmup: int, 
 def bench_detect(name: str, data_dir: str, device: str, images: int, *, nhwc: bool = False,
                  tf32: bool = False, weights: str) -> float:
     from caffe_compat import Net
-    from caffe_compat.config import cfg_from_file, temporary_cfg
+    from caffe_compat.frcnn.config import cfg_from_file, temporary_cfg
     from caffe_compat.frcnn.test import im_detect, read_image
 
     proto = FRCNN / "models" / "pascal_voc" / name / "faster_rcnn_end2end" / "test.prototxt"
@@ -125,7 +126,7 @@ def main() -> None:
     if not FRCNN.is_dir():
         raise SystemExit(f"py-faster-rcnn corpus not found at {FRCNN} (set CAFFE_COMPAT_CORPUS)")
     from caffe_compat import Net
-    from caffe_compat.config import cfg_from_file, temporary_cfg
+    from caffe_compat.frcnn.config import cfg_from_file, temporary_cfg
 
     card = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "CPU only"
     print(f"device {a.device} ({card}); torch {torch.__version__}; CPU threads {torch.get_num_threads()}")

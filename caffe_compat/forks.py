@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
+from caffe_compat import wire
 from caffe_compat.proto_text import is_repeated
 from caffe_compat.protos import caffe_pb2
 
@@ -225,21 +226,12 @@ def _tolerant_parse(cls, raw: bytes):
         return msg, []
     except Exception:  # protobuf's DecodeError (and upb's variants): retry field by field
         pass
-    from caffe_compat.weights import _encode_varint, _fields  # the wire codec
-
     msg = cls()
     skipped: List[int] = []
-    for num, wt, a, b in _fields(raw, 0, len(raw)):
-        piece = bytearray(_encode_varint((num << 3) | wt))
-        if wt == 0:
-            piece += _encode_varint(a)
-        elif wt == 2:
-            piece += _encode_varint(b - a) + raw[a:b]
-        else:
-            piece += raw[a:b]
+    for num, wt, a, b in wire.fields(raw, 0, len(raw)):
         one = cls()
         try:
-            one.ParseFromString(bytes(piece))
+            one.ParseFromString(wire.encode_field(num, wt, raw, a, b))
         except Exception:
             skipped.append(num)
             continue

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,7 +51,9 @@ from caffe_compat.errors import CaffeCompatError
 from caffe_compat.layers.base import Layer, canonical_axis
 from caffe_compat.layers.common import BatchNorm, Scale
 from caffe_compat.layers.vision import Convolution
-from caffe_compat.net import LayerEntry, Net, ParamInfo
+
+if TYPE_CHECKING:  # annotations only: Net.fuse_batchnorm() calls this pass, so net imports fuse
+    from caffe_compat.net import LayerEntry, Net, ParamInfo
 
 __all__ = ["fold_batchnorm_into_conv"]
 
@@ -202,7 +204,7 @@ def _add_bias(net: Net, conv: Convolution, key: str, value: Tensor) -> None:
     for k, info in net.param_infos.items():
         infos[k] = info
         if k == f"{key}.weight":
-            infos[f"{key}.bias"] = ParamInfo(f"{key}.bias", bias)
+            infos[f"{key}.bias"] = type(info)(f"{key}.bias", bias)  # a ParamInfo, default multipliers
     net.param_infos.clear()
     net.param_infos.update(infos)
 

@@ -16,7 +16,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, SchemaError, ShapeError,
                                  UnknownLayerError)
+from caffe_compat.forward_backward import LayerRef, Record, backward_from_to, forward_from_to, step_index
+from caffe_compat.fuse import fold_batchnorm_into_conv
+from caffe_compat.insert_splits import Step, insert_splits, mark_need_backward
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
@@ -72,13 +75,22 @@ class Net(nn.Module):
     afterwards ``net.blobs`` holds every blob in Caffe's order and ``net.loss`` the weighted
     sum of loss tops (``None`` if the net has no loss).  Tensors given as inputs are used as
     they are (no copy, no detach), so autograd flows back to them.
+
+    ``forward(start=, end=)`` and ``backward(start=, end=)`` are Caffe's ``ForwardFromTo`` /
+    ``BackwardFromTo``: layer by layer on what the blobs hold (``net.blobs``, ``net.diffs``),
+    over Caffe's graph with its split layers (``net.caffe_steps``); see
+    :mod:`caffe_compat.forward_backward`.
+
+    ``context`` is handed to every layer as ``BuildContext.extra``: settings a layer
+    family reads once, when it is built (``{"frcnn_cfg": cfg}``: py-faster-rcnn's config).
     """
 
     def __init__(self, model: ModelSource, weights: Optional[str] = None, phase: str = "test", *,
                  level: Optional[int] = None, stages: Iterable[str] = (),
                  allow_python_layers: Optional[bool] = None, allow_missing: bool = False,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: Optional[int] = None, device=None, allow_tf32: bool = False, schema=None):
+                 seed: Optional[int] = None, device=None, allow_tf32: bool = False, schema=None,
+                 context: Optional[Mapping[str, Any]] = None):
         super().__init__()
         from caffe_compat.proto_schema import active_schema, as_schema, use_schema
 
@@ -87,10 +99,11 @@ class Net(nn.Module):
         with use_schema(self.schema):
             self._init(model, weights, phase, level=level, stages=stages,
                        allow_python_layers=allow_python_layers, allow_missing=allow_missing,
-                       input_shapes=input_shapes, seed=seed, device=device, allow_tf32=allow_tf32)
+                       input_shapes=input_shapes, seed=seed, device=device, allow_tf32=allow_tf32,
+                       context=context)
 
     def _init(self, model, weights, phase, *, level, stages, allow_python_layers, allow_missing,
-              input_shapes, seed, device, allow_tf32) -> None:
+              input_shapes, seed, device, allow_tf32, context) -> None:
         #: Caffe's fp32 has no TF32; True lets cuDNN/cuBLAS use it (faster, ~1e-3 relative).
         self.allow_tf32 = bool(allow_tf32)
         if isinstance(model, caffe_pb2.NetParameter):
@@ -115,12 +128,19 @@ class Net(nn.Module):
             phase=self.phase, generator=gen,
             source_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
             allow_python_layers=bool(allow_python_layers),
-            stages=tuple(state.stage), level=int(state.level))
+            stages=tuple(state.stage), level=int(state.level), extra=dict(context or {}),
+            source=self.source)
         self._input_overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._fed: Dict[str, Tensor] = {}
         self.memory_format = torch.contiguous_format
         self.blobs: "OrderedDict[str, Tensor]" = OrderedDict()
+        #: Caffe's blob diffs, by Caffe's blob names (split tops included): what
+        #: ``backward(start=, end=)`` reads as top diffs and writes as bottom diffs
+        self.diffs: Dict[str, Tensor] = {}
         self.loss: Optional[Tensor] = None
+        self._records: Dict[int, Record] = {}   # each step's last layer-by-layer forward
+        self._layerwise = False                 # the last forward ran layer by layer
+        self._steps_key: Optional[tuple] = None
         try:
             self._build()
         except CaffeCompatError as e:  # name the prototxt line of the failing layer
@@ -328,6 +348,29 @@ class Net(nn.Module):
         return e.module
 
     @property
+    def caffe_steps(self) -> List[Step]:
+        """The net as Caffe runs it: the layers with Caffe's split layers inserted, each with
+        Net::Init's need-backward flags (:mod:`caffe_compat.insert_splits`)."""
+        key = tuple((id(e), tuple(e.bottoms), tuple(e.tops)) for e in self.entries)
+        if key != self._steps_key:
+            steps, shares = insert_splits(self.entries, list(self.net_param.layer))
+            mark_need_backward(steps, bool(self.net_param.force_backward))
+            self.__dict__["_steps"], self.__dict__["_split_sources"] = steps, shares
+            self._steps_key = key
+            self._records.clear()
+        return self.__dict__["_steps"]
+
+    @property
+    def split_sources(self) -> Dict[str, str]:
+        """For each split top of :attr:`caffe_steps`, the blob whose data it shares."""
+        self.caffe_steps  # noqa: B018  (computes them)
+        return self.__dict__["_split_sources"]
+
+    def step_index(self, layer: LayerRef, default: int = 0) -> int:
+        """Index in :attr:`caffe_steps` of a layer name (first occurrence) or index."""
+        return step_index(self, layer, default)
+
+    @property
     def generator(self) -> torch.Generator:
         """The generator the net's fillers (and random layers such as Dropout) draw from."""
         return self._ctx.generator
@@ -349,10 +392,12 @@ class Net(nn.Module):
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
         if device is not None:
             self.__dict__["_moved_to"] = torch.device(device)
+        self._records.clear()  # recorded graphs hold the old tensors
         return super().to(*args, **kwargs)
 
     def cuda(self, device=None) -> "Net":
         super().cuda(device)
+        self._records.clear()
         if device is None:
             device = torch.cuda.current_device()
         self.__dict__["_moved_to"] = torch.device("cuda", device) if isinstance(device, int) \
@@ -361,6 +406,7 @@ class Net(nn.Module):
 
     def cpu(self) -> "Net":
         super().cpu()
+        self._records.clear()
         self.__dict__["_moved_to"] = torch.device("cpu")
         return self
 
@@ -375,8 +421,6 @@ class Net(nn.Module):
 
         Returns the names of the layers folded away; see ``caffe_compat.fuse``.
         """
-        from caffe_compat.fuse import fold_batchnorm_into_conv
-
         return fold_batchnorm_into_conv(self)
 
     def learnable_params(self) -> List[ParamInfo]:
@@ -405,7 +449,8 @@ class Net(nn.Module):
         return self
 
     def feed(self, **inputs) -> None:
-        """Set input blobs for the next forward (kept until replaced, like Caffe's blobs)."""
+        """Set input blobs for the next forward (kept until replaced, like Caffe's blobs);
+        ``net.blobs`` holds them at once, so a ranged forward that starts later reads them."""
         for k, v in inputs.items():
             if k not in self.input_names:
                 raise GraphError(f"'{k}' is not an input of this net; inputs are: "
@@ -414,6 +459,7 @@ class Net(nn.Module):
             if self.memory_format is torch.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             self._fed[k] = t
+            self.blobs[k] = t
 
     def precision(self):
         """Context for passes over this net's graph: true fp32 unless ``allow_tf32``.
@@ -423,13 +469,29 @@ class Net(nn.Module):
         """
         return exact_fp32(not self.allow_tf32)
 
-    def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
-        """Run the net; returns Caffe's net outputs by name."""
+    def forward(self, *, start: LayerRef = None, end: LayerRef = None,
+                **inputs) -> "OrderedDict[str, Tensor]":
+        """Run the net; returns Caffe's net outputs by name.
+
+        Without ``start``/``end``: every layer, as one autograd graph.  With either (a layer
+        name or an index into :attr:`caffe_steps`; inclusive): Caffe's ``ForwardFromTo``,
+        layer by layer on what the blobs hold, each layer recorded for
+        ``backward(start=, end=)``; ``net.loss`` is then the (detached, float64) loss of the
+        layers run, and the outputs returned are those the blobs hold.
+        """
         with self.precision():
-            return self._forward(inputs)
+            if start is None and end is None:
+                return self._forward(inputs)
+            self.feed(**inputs)
+            steps = self.caffe_steps
+            self.loss = forward_from_to(self, self.step_index(start, 0), self.step_index(end, len(steps) - 1))
+            self._layerwise = True
+            return OrderedDict((n, self.blobs[n]) for n in self.output_names if n in self.blobs)
 
     def _forward(self, inputs) -> "OrderedDict[str, Tensor]":
         self.feed(**inputs)
+        self._records.clear()
+        self._layerwise = False
         blobs: Dict[str, Tensor] = {}
         loss: Optional[Tensor] = None
         for e in self.entries:
@@ -462,8 +524,25 @@ class Net(nn.Module):
         self.loss = loss
         return OrderedDict((n, blobs[n]) for n in self.output_names)
 
-    def backward(self) -> None:
-        """Backpropagate the net's loss (Caffe's ``Net::Backward`` from the loss layers)."""
+    def backward(self, *, start: LayerRef = None, end: LayerRef = None, **diffs) -> None:
+        """Backpropagate the net's loss (Caffe's ``Net::Backward`` from the loss layers).
+
+        After a whole-net forward: ``net.loss.backward()`` through its graph.  After a
+        ranged forward, or with ``start``/``end`` or top diffs given (``name=tensor``, into
+        ``net.diffs``): Caffe's ``BackwardFromTo`` (``start`` >= ``end``, inclusive), layer
+        by layer from the top diffs the blobs hold, writing ``net.diffs`` and accumulating
+        parameter gradients; it needs no forward first (a layer without a recorded forward
+        runs from its bottoms as they are).
+        """
+        if self._layerwise or start is not None or end is not None or diffs:
+            steps = self.caffe_steps
+            for k, v in diffs.items():
+                if k not in self.blob_names and k not in self.split_sources:
+                    raise GraphError(f"'{k}' is not a blob of this net")
+                self.diffs[k] = self._as_tensor(k, v)
+            with self.precision():
+                backward_from_to(self, self.step_index(start, len(steps) - 1), self.step_index(end, 0))
+            return
         if self.loss is None:
             raise GraphError("the net has no loss to backpropagate (run forward first; "
                              "loss layers or loss_weight make a loss)")

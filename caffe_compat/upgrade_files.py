@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO, List, Optional, Tuple, Union
 
+from caffe_compat import wire
 from caffe_compat.errors import ParseError
 from caffe_compat.protos import caffe_pb2
 from caffe_compat.upgrade import UpgradeReport, solver_needs_upgrade, upgrade_net_with_report, upgrade_solver
@@ -132,43 +133,25 @@ def upgrade_solver_text_file(src: str, dst: str) -> UpgradeOutcome:
 
 # ----------------------------------------------------------------------------- binary
 
-def _weights():
-    from caffe_compat import weights
-
-    return weights
-
-
-def _raw_field(num: int, wt: int, buf, a: int, b: Optional[int]) -> bytes:
-    """One field as it stood in the file (re-encoded from ``weights._fields``' output)."""
-    W = _weights()
-    key = W._encode_varint((num << 3) | wt)
-    if wt == W._VARINT:
-        return key + W._encode_varint(a)
-    if wt == W._LEN:
-        return key + W._encode_varint(b - a) + bytes(buf[a:b])
-    return key + bytes(buf[a:b])
-
-
 def _strip_blobs(buf, a: int, b: int, blob_field: int, v0_field: Optional[int],
                  ranges: List[Tuple[int, int]]) -> bytes:
     """A layer message with each blob replaced by a placeholder BlobProto numbered into ``ranges``.
 
     ``v0_field``: the V1 layer's nested V0 ``layer`` (whose blobs are field 50), stripped too.
     """
-    W = _weights()
     out = bytearray()
-    for num, wt, x, y in W._fields(buf, a, b):
+    for num, wt, x, y in wire.fields(buf, a, b):
         if num == blob_field:
-            W._expect_wire(num, wt, (W._LEN,), "blobs")
-            for _ in W._fields(buf, x, y):  # framing check only; payloads stay unread
+            wire.expect_wire(num, wt, (wire.LEN,), "blobs")
+            for _ in wire.fields(buf, x, y):  # framing check only; payloads stay unread
                 pass
             ranges.append((x, y))
-            out += W._len_field(num, caffe_pb2.BlobProto(num=len(ranges)).SerializeToString())
+            out += wire.len_field(num, caffe_pb2.BlobProto(num=len(ranges)).SerializeToString())
         elif v0_field is not None and num == v0_field:
-            W._expect_wire(num, wt, (W._LEN,), "V1LayerParameter.layer")
-            out += W._len_field(num, _strip_blobs(buf, x, y, 50, None, ranges))
+            wire.expect_wire(num, wt, (wire.LEN,), "V1LayerParameter.layer")
+            out += wire.len_field(num, _strip_blobs(buf, x, y, 50, None, ranges))
         else:
-            out += _raw_field(num, wt, buf, x, y)
+            out += wire.encode_field(num, wt, buf, x, y)
     return bytes(out)
 
 
@@ -176,17 +159,17 @@ def _skeleton(buf, size: int, where: str) -> Tuple[caffe_pb2.NetParameter, List[
     """The NetParameter without blob payloads, and the byte range of every blob (by number)."""
     from caffe_compat.io import _text_hint, parse_binary
 
-    W = _weights()
     ranges: List[Tuple[int, int]] = []
     out = bytearray()
     try:
-        for num, wt, a, b in W._fields(buf, 0, size):
+        for num, wt, a, b in wire.fields(buf, 0, size):
             if num in (2, 100):  # layers (V0/V1), layer (current)
-                W._expect_wire(num, wt, (W._LEN,), "NetParameter.layers" if num == 2 else "NetParameter.layer")
+                wire.expect_wire(num, wt, (wire.LEN,),
+                                 "NetParameter.layers" if num == 2 else "NetParameter.layer")
                 body = _strip_blobs(buf, a, b, 6 if num == 2 else 7, 1 if num == 2 else None, ranges)
-                out += W._len_field(num, body)
+                out += wire.len_field(num, body)
             else:
-                out += _raw_field(num, wt, buf, a, b)
+                out += wire.encode_field(num, wt, buf, a, b)
     except (ValueError, IndexError, OverflowError) as e:
         raise ParseError(f"corrupt or truncated NetParameter: {e}{_text_hint(buf)}", where=where) from None
     return parse_binary(bytes(out), caffe_pb2.NetParameter(), where), ranges
@@ -197,16 +180,15 @@ Part = Union[bytes, Tuple[int, int]]
 
 def _with_blobs(msg_bytes: bytes, blob_field: int, ranges: List[Tuple[int, int]]) -> List[Part]:
     """A serialized layer with its placeholder blobs swapped back for the original ranges."""
-    W = _weights()
     parts: List[Part] = []
-    for num, wt, a, b in W._fields(msg_bytes, 0, len(msg_bytes)):
-        if num == blob_field and wt == W._LEN:
+    for num, wt, a, b in wire.fields(msg_bytes, 0, len(msg_bytes)):
+        if num == blob_field and wt == wire.LEN:
             ph = caffe_pb2.BlobProto.FromString(msg_bytes[a:b])
             x, y = ranges[ph.num - 1]
-            parts.append(W._encode_varint((num << 3) | W._LEN) + W._encode_varint(y - x))
+            parts.append(wire.encode_key(num, wire.LEN) + wire.encode_varint(y - x))
             parts.append((x, y))
         else:
-            parts.append(_raw_field(num, wt, msg_bytes, a, b))
+            parts.append(wire.encode_field(num, wt, msg_bytes, a, b))
     return parts
 
 
@@ -243,17 +225,16 @@ def _write_upgraded(new: caffe_pb2.NetParameter, buf, ranges: List[Tuple[int, in
     """Serialize ``new`` (placeholder blobs) to ``dst`` with the real blob bytes streamed in."""
     from caffe_compat.atomic import atomic_open
 
-    W = _weights()
     data = new.SerializeToString()
     with atomic_open(os.fspath(dst)) as f:
-        for num, wt, a, b in W._fields(data, 0, len(data)):
-            if num == 100 and wt == W._LEN:
+        for num, wt, a, b in wire.fields(data, 0, len(data)):
+            if num == 100 and wt == wire.LEN:
                 parts = _with_blobs(data[a:b], 7, ranges)
-                f.write(W._encode_varint((100 << 3) | W._LEN))
-                f.write(W._encode_varint(sum(_part_len(p) for p in parts)))
+                f.write(wire.encode_key(100, wire.LEN))
+                f.write(wire.encode_varint(sum(_part_len(p) for p in parts)))
                 _write_parts(f, buf, parts)
             else:
-                f.write(_raw_field(num, wt, data, a, b))
+                f.write(wire.encode_field(num, wt, data, a, b))
 
 
 def _copy_file(src, dst: str) -> None:

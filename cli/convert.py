@@ -1,5 +1,6 @@
 """``caffe-compat convert IN -o OUT``: weights between .caffemodel, .pt, .safetensors and
-Caffe's HDF5 layout (``.h5``, e.g. ``model.caffemodel.h5``)."""
+Caffe's HDF5 layout (``.h5``, e.g. ``model.caffemodel.h5``); formats by name
+(:data:`caffe_compat.weights.FORMATS`)."""
 from __future__ import annotations
 
 import os
@@ -7,16 +8,6 @@ import os
 import click
 
 from caffe_compat.cli.main import friendly, main
-
-
-def _kind(path: str) -> str:
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    if path.endswith((".pt", ".pth")):
-        return "pt"
-    if path.endswith(".h5"):
-        return "h5"
-    return "caffemodel"
 
 
 @main.command("convert")
@@ -39,7 +30,7 @@ def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow
     from caffe_compat import weights as W
     from caffe_compat.errors import SchemaError, WeightsError
 
-    sk, dk = _kind(src), _kind(dst)
+    src_format, dst_format = W.format_of(src), W.format_of(dst)
     if not os.path.exists(src):
         raise WeightsError("file not found", where=src)
     if model:
@@ -49,36 +40,14 @@ def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow
         notes = net.load_weights(src, allow_missing=allow_missing)
         for n in notes:
             click.echo(f"note: {n}", err=True)
-        if dk in ("caffemodel", "h5"):
-            if fold_batchnorm:
-                raise SchemaError("--fold-batchnorm applies to .pt/.safetensors outputs")
+        if not fold_batchnorm:
             net.save_weights(dst)
+        elif dst_format.net_state is None:
+            raise SchemaError("--fold-batchnorm applies to .pt/.safetensors outputs")
         else:
-            sd = W.net_state_dict(net, dedupe_shared=(dk == "safetensors"))
-            _write_state(sd, dst, dk, fold_batchnorm)
+            dst_format.state_writer()(W.fold_batchnorm(dst_format.net_state(net)), dst)
     else:
-        if dk in ("caffemodel", "h5"):
-            what = "a .caffemodel" if dk == "caffemodel" else "an HDF5 (.h5) weights file"
-            raise SchemaError(f"writing {what} needs the net definition: add --model NET.prototxt")
-        if sk == "h5":
-            raise SchemaError("reading HDF5 (.h5) weights needs the net definition (they hold no layer "
-                              "types to name the blobs by): add --model NET.prototxt")
-        sd = W.caffemodel_state_dict(src) if sk == "caffemodel" else W.read_state_file(src)
-        _write_state(sd, dst, dk, fold_batchnorm)
+        write = dst_format.state_writer()
+        sd = src_format.state_reader()(src)
+        write(W.fold_batchnorm(sd) if fold_batchnorm else sd, dst)
     click.echo(f"wrote {dst}")
-
-
-def _write_state(sd, dst, kind, fold):
-    import torch
-
-    from caffe_compat import weights as W
-    from caffe_compat.atomic import atomic_open
-
-    if fold:
-        sd = W.fold_batchnorm(sd)
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    if kind == "safetensors":
-        W.save_safetensors(sd, dst)
-    else:
-        with atomic_open(dst) as f:
-            torch.save(sd, f)

@@ -31,7 +31,7 @@ _WRITABLE = (".png", ".jpg", ".jpeg")
 def parse_classes(spec: Optional[str]) -> Tuple[str, ...]:
     """Class names from ``--classes``: ``VOC`` (default), comma-separated names, or a file
     with one name per line.  ``__background__`` is prepended unless already first."""
-    from caffe_compat.datasets.pascal_voc import VOC_CLASSES
+    from caffe_compat.frcnn.datasets.pascal_voc import VOC_CLASSES
     from caffe_compat.errors import SchemaError
 
     if spec is None or spec.strip().upper() == "VOC":
@@ -116,8 +116,7 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_cfgs, thresh, 
     import cv2
 
     from caffe_compat.atomic import atomic_write
-    from caffe_compat.cli.test import apply_cfg, check_file, select_device
-    from caffe_compat.config import cfg, temporary_cfg
+    from caffe_compat.cli.test import check_file, config_scope, select_device
     from caffe_compat.errors import DataError, GraphError
     from caffe_compat.frcnn.test import Timer, read_image
     from caffe_compat.frcnn.vis import draw_detections
@@ -129,8 +128,7 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_cfgs, thresh, 
         if not os.path.isfile(p):
             raise DataError("image file not found", where=p)
     classes = parse_classes(classes_spec)
-    with temporary_cfg():
-        apply_cfg(cfg_file, set_cfgs)
+    with config_scope(cfg_file, set_cfgs, (), gpu) as cfg:
         cfg.TEST.HAS_RPN = True            # the demo's proposals come from the net's RPN
         device = select_device(gpu)
         net = Net(model, phase="test", device=device, allow_python_layers=allow_python_layers or None)

@@ -22,6 +22,12 @@ def error_line(e: BaseException) -> str:
     """One line for an error: the CaffeCompatError's message, or what a bug looks like."""
     if isinstance(e, CaffeCompatError):
         return "error: " + e.one_line()
+    from caffe_compat.layers.python import python_layer_note
+
+    note = python_layer_note(e)
+    if note is not None:  # the user's own layer code raised: their error, not ours
+        text = " ".join(str(e).split())[:300]
+        return f"error: {type(e).__name__}: {text} ({note})"
     if isinstance(e, MemoryError):
         return "error: out of memory (input too large? see caffe_compat.limits)"
     if isinstance(e, OSError):
@@ -35,7 +41,8 @@ def error_line(e: BaseException) -> str:
 
 
 def exit_code_for(e: BaseException) -> int:
-    """2 for bad input (CaffeCompatError default), 1 for run-time failures and bugs."""
+    """2 for bad input (CaffeCompatError default), 1 for run-time failures (a user Python
+    layer's own exception included) and bugs."""
     return e.exit_code if isinstance(e, CaffeCompatError) else 1
 
 

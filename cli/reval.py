@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from caffe_compat.cli.main import friendly, main
-from caffe_compat.cli.test import _ap, apply_cfg
+from caffe_compat.cli.test import _ap, config_scope
 
 
 @main.command("reval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -28,17 +28,11 @@ from caffe_compat.cli.test import _ap, apply_cfg
 @friendly
 def reval_command(ctx, output_dir, imdb_name, apply_nms, comp_mode, matlab_eval, cfg_file, set_cfgs):
     """Evaluate the detections saved in OUTPUT_DIR by `test` again (no net needed)."""
-    from caffe_compat.config import temporary_cfg
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.errors import SchemaError
+    from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.reval import find_detections, reval
 
-    extra = list(ctx.args)
-    if extra and not set_cfgs:
-        raise SchemaError(f"unexpected argument(s): {' '.join(extra)}")
     find_detections(output_dir)            # a wrong folder is the likelier mistake: say so first
-    with temporary_cfg():
-        apply_cfg(cfg_file, set_cfgs, extra)
+    with config_scope(cfg_file, set_cfgs, ctx.args):
         imdb = get_imdb(imdb_name)
         imdb.competition_mode(comp_mode)
         if matlab_eval:

@@ -23,7 +23,7 @@ from caffe_compat.cli.main import friendly, main
 @friendly
 def synthetic_voc_command(out, num_images, num_classes, seed, year, min_size, max_size, test_fraction):
     """Write a synthetic PASCAL VOC (shapes per class on textured noise) under OUT."""
-    from caffe_compat.datasets.synthetic_voc import write_dataset
+    from caffe_compat.frcnn.datasets.synthetic_voc import write_dataset
     from caffe_compat.errors import DataError
 
     if min_size > max_size:

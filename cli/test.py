@@ -10,44 +10,38 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import click
 import numpy as np
 
 from caffe_compat.cli.main import friendly, main
 
-__all__ = ["apply_cfg", "select_device", "caffe_test", "check_file"]
+__all__ = ["config_scope", "select_device", "caffe_test", "check_file"]
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def apply_cfg(cfg_file: Optional[str], set_pairs: Sequence[Tuple[str, str]], extra: Sequence[str] = ()) -> None:
-    """``--cfg FILE`` then ``--set KEY VALUE`` overrides (plus trailing ``KEY VALUE`` words)
-    into the global ``cfg``, with py-faster-rcnn's type rules."""
-    from caffe_compat.config import ConfigError, cfg_from_file, cfg_from_list
+def config_scope(cfg_file: Optional[str], set_pairs: Sequence[Tuple[str, str]], extra: Sequence[str] = (),
+                 gpu: Optional[int] = None, *, frcnn: bool = True) -> ContextManager[Any]:
+    """py-faster-rcnn's config for one command: ``--cfg FILE``, ``--set KEY VALUE`` (plus
+    trailing ``KEY VALUE`` words) and ``--gpu``, in force inside the ``with`` block and
+    restored after it (:func:`caffe_compat.frcnn.config.command_cfg`, which yields the
+    config).  A plain Caffe command (``frcnn=False``) given none of them gets an empty
+    scope and never loads ``caffe_compat.frcnn``."""
+    if not (frcnn or cfg_file or set_pairs or extra):
+        return contextlib.nullcontext()
+    from caffe_compat.frcnn.config import command_cfg
 
-    if cfg_file:
-        if not os.path.isfile(cfg_file):
-            raise ConfigError("config file not found", where=cfg_file)
-        cfg_from_file(cfg_file)
-    items: List[str] = [v for pair in set_pairs for v in pair]
-    if extra:
-        bad = [a for a in extra if a.startswith("--")]
-        if bad:
-            raise ConfigError(f"unexpected option {bad[0]} after the --set pairs; put options "
-                              "before --set or repeat --set for each KEY VALUE")
-        items.extend(extra)
-    if items:
-        cfg_from_list(items)
+    return command_cfg(cfg_file, set_pairs, extra, gpu_id=gpu)
 
 
 def select_device(gpu: Optional[int]):
     """``None`` or a negative id: the CPU; else ``cuda:<gpu>``, which must exist."""
     import torch
 
-    from caffe_compat.config import cfg
     from caffe_compat.errors import SchemaError
 
     if gpu is None or gpu < 0:
@@ -57,7 +51,6 @@ def select_device(gpu: Optional[int]):
                           "to run on the CPU)")
     if gpu >= torch.cuda.device_count():
         raise SchemaError(f"--gpu {gpu}: there are only {torch.cuda.device_count()} CUDA devices")
-    cfg.GPU_ID = int(gpu)
     return torch.device(f"cuda:{gpu}")
 
 
@@ -168,16 +161,9 @@ def caffe_test(net: Any, iterations: int, echo: Callable[[str], None] = print) -
 def test_command(ctx, model, weights, imdb_name, cfg_file, set_cfgs, gpu, comp_mode, max_per_image,
                  thresh, vis, output_dir, rpn_file, iterations, stages, level, allow_python_layers):
     """Test MODEL with WEIGHTS: detection mAP on --imdb, or Caffe's averaged outputs."""
-    from caffe_compat.config import temporary_cfg
-    from caffe_compat.errors import SchemaError
-
-    extra = list(ctx.args)
-    if extra and not set_cfgs:
-        raise SchemaError(f"unexpected argument(s): {' '.join(extra)}")
     check_file(model, "net definition", "--model")
     check_file(weights, "weights file (a trained model is needed to score)", "--weights")
-    with temporary_cfg():
-        apply_cfg(cfg_file, set_cfgs, extra)
+    with config_scope(cfg_file, set_cfgs, ctx.args, gpu, frcnn=bool(imdb_name)):
         device = select_device(gpu)
         if imdb_name:
             _detection_test(model, weights, imdb_name, device, comp_mode, max_per_image, thresh, vis,
@@ -199,8 +185,8 @@ def _caffe_mode(model, weights, device, iterations, stages, level, allow_python_
 
 def _detection_test(model, weights, imdb_name, device, comp_mode, max_per_image, thresh, vis,
                     output_dir, rpn_file, stages, level, allow_python_layers) -> None:
-    from caffe_compat.config import cfg
-    from caffe_compat.datasets.factory import get_imdb
+    from caffe_compat.frcnn.config import cfg
+    from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.test import test_net
     from caffe_compat.net import Net
 

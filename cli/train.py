@@ -1,51 +1,44 @@
-"""``caffe-compat train`` and ``caffe-compat train-alt-opt``: py-faster-rcnn's training tools.
+"""``caffe-compat train`` and ``caffe-compat train-alt-opt``: Caffe's and py-faster-rcnn's training.
 
-``train`` follows ``tools/train_net.py`` (and is ``caffe train`` for nets that read their
-own data layers); ``train-alt-opt`` follows ``tools/train_faster_rcnn_alt_opt.py``.  As
-there, ``--set KEY VALUE ...`` takes config overrides (``--set EXP_DIR foo
-TRAIN.SCALES "(400,)"``).  Exit status: 0 when training finished, 130/143 when SIGINT/
-SIGTERM stopped it (after writing a snapshot), 1 or 2 on errors.
+``train`` is ``caffe train`` (:mod:`caffe_compat.trainer`) for nets that read their own data
+layers, and py-faster-rcnn's ``tools/train_net.py`` (:mod:`caffe_compat.frcnn.train`) for
+nets with its ``RoIDataLayer``; ``train-alt-opt`` follows
+``tools/train_faster_rcnn_alt_opt.py``.  As there, ``--set KEY VALUE ...`` takes config
+overrides (``--set EXP_DIR foo TRAIN.SCALES "(400,)"``), in force for the command only.
+Exit status: 0 when training finished, 130/143 when SIGINT/SIGTERM stopped it (after
+writing a snapshot), 1 or 2 on errors.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
 
 import click
 
 from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.test import config_scope
 
 _SET_HELP = ("Config overrides: --set KEY VALUE [KEY VALUE ...] as py-faster-rcnn's --set (trailing "
              "KEY VALUE words count too); values are Python literals, e.g. TRAIN.SCALES '(400,)'.")
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def _set_cfgs(pairs: Sequence[Sequence[str]], extra: Sequence[str]) -> List[str]:
-    """``--set KEY VALUE`` pairs plus the trailing ``KEY VALUE`` words, as one flat list."""
-    items = [v for pair in pairs for v in pair]
-    extra = list(extra)
-    if extra:
-        if not pairs:
-            raise click.UsageError(f"unexpected argument '{extra[0]}' (config overrides go after --set)")
-        bad = [a for a in extra if a.startswith("--")]
-        if bad:
-            raise click.UsageError(f"unexpected option {bad[0]} after the --set words; put options "
-                                   "before --set")
-        items += extra
-    return items
+def _uses_roidb(param) -> bool:
+    """Whether the solver's train net has py-faster-rcnn's ``RoIDataLayer`` (then py-faster-rcnn
+    trains it).  Only a net that names one of py-faster-rcnn's Python layers loads
+    ``caffe_compat.frcnn`` to find out; plain nets never do."""
+    from caffe_compat.layers.registry import PYTHON_PROVIDERS
+    from caffe_compat.trainer import train_net_param
 
+    net = train_net_param(param)
+    keys = [f"{lp.python_param.module}.{lp.python_param.layer}" for lp in net.layer
+            if lp.type == "Python"] if net is not None else []
+    if not any(PYTHON_PROVIDERS.get(k, "").startswith("caffe_compat.frcnn.") for k in keys):
+        return False
+    from caffe_compat.frcnn.train import net_uses_roidb
 
-def _configure(cfg_file: Optional[str], set_cfgs: Sequence[str], gpu: Optional[int]) -> None:
-    from caffe_compat.config import cfg, cfg_from_file, cfg_from_list
-
-    if cfg_file is not None:
-        cfg_from_file(cfg_file)
-    if set_cfgs:
-        cfg_from_list(list(set_cfgs))
-    if gpu is not None and gpu >= 0:
-        cfg.GPU_ID = int(gpu)
+    return net_uses_roidb(param)
 
 
 def _common(fn):
@@ -102,13 +95,9 @@ def _report(result, what: str = "training") -> None:
 def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, imdb_name, set_pairs,
                   gpu_id, randomize, output_dir, fmt, progress):
     """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
-    from caffe_compat.config import cfg, get_output_dir
-    from caffe_compat.frcnn.progress import setup_logging
-    from caffe_compat.frcnn.train import (combined_roidb, load_solver_param, net_uses_roidb,
-                                          parse_formats, resolve_device, seed_everything, train_net,
-                                          train_plain)
+    from caffe_compat.progress import setup_logging
+    from caffe_compat.trainer import load_solver_param, parse_formats, resolve_device, train_plain
 
-    set_cfgs = _set_cfgs(set_pairs, ctx.args)
     if resume and pretrained_model:
         raise click.UsageError("give --snapshot to resume training or --weights to fine-tune, not both "
                                "(as caffe train)")
@@ -116,31 +105,46 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, im
     log = logging.getLogger("caffe_compat.train")
     log.info("Called with args: solver=%s weights=%s snapshot=%s iters=%s imdb=%s cfg=%s set=%s "
              "gpu=%s rand=%s output=%s format=%s", solver, pretrained_model, resume, max_iters,
-             imdb_name, cfg_file, set_cfgs, gpu_id, randomize, output_dir, fmt)
-    _configure(cfg_file, set_cfgs, gpu_id)
-    device = resolve_device(gpu_id)
-    formats = parse_formats(fmt)
+             imdb_name, cfg_file, [v for p in set_pairs for v in p] + list(ctx.args), gpu_id,
+             randomize, output_dir, fmt)
     param = load_solver_param(solver)
-    if net_uses_roidb(param):
-        import pprint
-
-        log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
-        if not randomize:
-            seed_everything(cfg.RNG_SEED)
-        imdb, roidb = combined_roidb(imdb_name)
-        log.info("%d roidb entries", len(roidb))
-        out = os.path.abspath(output_dir) if output_dir else get_output_dir(imdb)
-        log.info("Output will be saved to `%s`", out)
-        iters = max_iters if max_iters is not None else (param.max_iter or 40000)
-        result = train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
-                           resume=resume, device=device, formats=formats, randomize=randomize,
-                           progress=progress)
-    else:
-        result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
-                             device=device, formats=formats, output_dir=output_dir, progress=progress)
+    frcnn = _uses_roidb(param)
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id, frcnn=frcnn):
+        device = resolve_device(gpu_id)
+        formats = parse_formats(fmt)
+        if frcnn:
+            result = _train_frcnn(solver, param, imdb_name, pretrained_model, resume, max_iters, device,
+                                  formats, randomize, output_dir, progress)
+        else:
+            result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
+                                 device=device, formats=formats, output_dir=output_dir,
+                                 progress=progress)
     _report(result)
     if result.signal:
         sys.exit(_EXIT_FOR_SIGNAL.get(result.signal, 1))
+
+
+def _train_frcnn(solver, param, imdb_name, pretrained_model, resume, max_iters, device, formats,
+                 randomize, output_dir, progress):
+    """py-faster-rcnn's tools/train_net.py under the command's config."""
+    import pprint
+
+    from caffe_compat.frcnn.config import cfg, get_output_dir
+    from caffe_compat.frcnn.train import combined_roidb, train_net
+    from caffe_compat.trainer import seed_everything
+
+    log = logging.getLogger("caffe_compat.train")
+    log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
+    if not randomize:
+        seed_everything(cfg.RNG_SEED)
+    imdb, roidb = combined_roidb(imdb_name)
+    log.info("%d roidb entries", len(roidb))
+    out = os.path.abspath(output_dir) if output_dir else get_output_dir(imdb)
+    log.info("Output will be saved to `%s`", out)
+    iters = max_iters if max_iters is not None else (param.max_iter or 40000)
+    return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
+                     resume=resume, device=device, formats=formats, randomize=randomize,
+                     progress=progress)
 
 
 @main.command("train-alt-opt", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
@@ -160,20 +164,18 @@ def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, c
     """Train Faster R-CNN by alternating optimization (tools/train_faster_rcnn_alt_opt.py)."""
     import pprint
 
-    from caffe_compat.config import cfg
     from caffe_compat.frcnn.alt_opt import train_alt_opt
-    from caffe_compat.frcnn.progress import setup_logging
-    from caffe_compat.frcnn.train import parse_formats, resolve_device
+    from caffe_compat.progress import setup_logging
+    from caffe_compat.trainer import parse_formats, resolve_device
 
-    set_cfgs = _set_cfgs(set_pairs, ctx.args)
     setup_logging()
     log = logging.getLogger("caffe_compat.train")
-    _configure(cfg_file, set_cfgs, gpu_id)
-    device = resolve_device(gpu_id)
-    log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
-    res = train_alt_opt(net_name, imdb_name, pretrained_model=pretrained_model, iters=iters,
-                        iters_scale=iters_scale, output_dir=output_dir, device=device,
-                        formats=parse_formats(fmt), randomize=randomize, progress=progress)
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id) as cfg:
+        device = resolve_device(gpu_id)
+        log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
+        res = train_alt_opt(net_name, imdb_name, pretrained_model=pretrained_model, iters=iters,
+                            iters_scale=iters_scale, output_dir=output_dir, device=device,
+                            formats=parse_formats(fmt), randomize=randomize, progress=progress)
     for stage, path in res.stage_models.items():
         click.echo(f"{stage}: {path}")
     for stage, path in res.proposals.items():
@@ -204,23 +206,22 @@ def rpn_generate_command(ctx, prototxt, caffemodel, cfg_file, imdb_name, set_pai
     """Write RPN proposals for every image of a data set (tools/rpn_generate.py), as .npz.
 
     Use them with TRAIN/TEST.PROPOSAL_METHOD rpn (the imdb's rpn_file)."""
-    from caffe_compat.config import get_output_dir
-    from caffe_compat.datasets.factory import get_imdb
     from caffe_compat.frcnn.alt_opt import rpn_generate
-    from caffe_compat.frcnn.progress import setup_logging
-    from caffe_compat.frcnn.train import resolve_device
+    from caffe_compat.frcnn.config import get_output_dir
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.progress import setup_logging
+    from caffe_compat.trainer import resolve_device
 
-    set_cfgs = _set_cfgs(set_pairs, ctx.args)
     setup_logging()
-    _configure(cfg_file, set_cfgs, gpu_id)
-    device = resolve_device(gpu_id)
-    name = os.path.splitext(os.path.basename(caffemodel))[0]
-    if output_dir is None:
-        class _Named:
-            def __init__(self, n: str) -> None:
-                self.name = n
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id):
+        device = resolve_device(gpu_id)
+        name = os.path.splitext(os.path.basename(caffemodel))[0]
+        if output_dir is None:
+            class _Named:
+                def __init__(self, n: str) -> None:
+                    self.name = n
 
-        output_dir = get_output_dir(get_imdb(imdb_name), _Named(name))
-    path = rpn_generate(imdb_name, caffemodel, prototxt, output_dir=output_dir, device=device,
-                        filename=name + "_rpn_proposals.npz")
+            output_dir = get_output_dir(get_imdb(imdb_name), _Named(name))
+        path = rpn_generate(imdb_name, caffemodel, prototxt, output_dir=output_dir, device=device,
+                            filename=name + "_rpn_proposals.npz")
     click.echo(f"wrote RPN proposals to {path}")

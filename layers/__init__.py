@@ -9,8 +9,6 @@ from caffe_compat.layers import (  # noqa: F401  (each module registers its laye
     data,
     fast_rcnn,
     python,
-    rpn,
-    roi_data,
     ssd,
     yolo,
     ctpn,

@@ -45,6 +45,7 @@ class BuildContext:
     stages: Tuple[str, ...] = ()
     level: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None    # the prototxt file, to name a layer's file:line in errors
 
 
 class Layer(nn.Module):
@@ -63,6 +64,9 @@ class Layer(nn.Module):
     exact_tops: Optional[int] = None
     min_tops: Optional[int] = None
     max_tops: Optional[int] = None
+    #: Caffe's Backward reads state the layer kept since its forward (a Python layer's own
+    #: ``backward``): layer-by-layer backward calls ``caffe_backward`` instead of autograd
+    backward_on_blobs: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):
         super().__init__()
@@ -142,6 +146,15 @@ class Layer(nn.Module):
 
     def forward(self, *bottoms: Tensor) -> Tuple[Tensor, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def caffe_backward(self, top_data: Sequence[Tensor], top_diff: Sequence[Tensor],
+                       propagate_down: Sequence[bool], bottom_data: Sequence[Tensor],
+                       bottom_diff: Sequence[Tensor], param_diff: Sequence[Tensor]
+                       ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Caffe's ``Backward`` on the blobs as they are, for ``backward_on_blobs`` layers:
+        returns the bottom diffs and parameter diffs the layer leaves (given their current
+        contents, which Caffe does not clear)."""
+        raise NotImplementedError(f"{type(self).__name__} computes its backward by autograd")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

@@ -2,6 +2,10 @@
 
 Both follow rbgirshick/caffe-fast-rcnn (the fork py-faster-rcnn pins), float arithmetic
 included, because detection models trained with it depend on its exact bin boundaries.
+They stay here, a fork family of ``caffe_compat.layers`` like ``ssd``, and not with
+py-faster-rcnn's Python layers in :mod:`caffe_compat.frcnn`: they are C++ layers of a
+Caffe fork, registered by type name, that R-FCN (SmoothL1Loss) and other forks' nets use
+without any of py-faster-rcnn's Python code.
 
 ROIPooling in brief (all integer maths is C's):
 

@@ -20,6 +20,13 @@ Every other Python layer is run here, through pycaffe's protocol:
   as diffs; the bottom diffs it writes are the bottoms' gradients and the blob diffs the
   parameters' gradients.  A top that shares its name with a bottom (in place) is the same
   Blob object, as in Caffe.
+- Layer-by-layer backward (``Net.backward(start=, end=)``, pycaffe): ``caffe_backward``
+  calls the user's ``backward`` on the blobs as they are now (data, top diffs, and the
+  bottom and blob diffs it may add to), with or without a forward first, as Caffe does.
+- Errors: an exception raised by the user's ``__init__``, ``setup``, ``reshape``,
+  ``forward`` or ``backward`` reaches the caller with its own type (Caffe's PythonLayer lets
+  boost::python re-raise it, so ``except RuntimeError:`` around ``caffe.Net(...)`` works);
+  a note (PEP 678) names the layer, the method and the prototxt's file:line.
 """
 from __future__ import annotations
 
@@ -40,6 +47,23 @@ from caffe_compat.layers.registry import register
 ENV_ALLOW = "CAFFE_COMPAT_ALLOW_PYTHON_LAYERS"
 
 _ALIASED = ("caffe", "caffe.proto", "caffe.proto.caffe_pb2")
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """PEP 678's ``add_note`` (``__notes__`` set the same way before Python 3.11)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python < 3.11
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
+_NOTE_PREFIX = "in Python layer '"
+
+
+def python_layer_note(exc: BaseException) -> Optional[str]:
+    """The note naming the Python layer whose user code raised ``exc`` (None when no user
+    layer code raised it): what a command-line tool reports instead of an internal error."""
+    return next((n for n in getattr(exc, "__notes__", ()) if str(n).startswith(_NOTE_PREFIX)), None)
 
 
 def python_layers_allowed(ctx) -> bool:
@@ -171,6 +195,8 @@ class _PythonLayerFn(torch.autograd.Function):
 class PythonLayer(Layer):
     """Runs a user's pycaffe layer class (see the module docstring for the protocol)."""
 
+    backward_on_blobs = True  # its backward reads what its forward kept, as in Caffe
+
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
         pp = param.python_param
@@ -212,14 +238,22 @@ class PythonLayer(Layer):
 
     # ------------------------------------------------------------------ user calls
     def _call(self, fn, what: str, *args):
-        """Run user code with the ``caffe`` alias; its errors become PythonLayerError."""
+        """Run user code with the ``caffe`` alias; its errors keep their type, with a note
+        naming this layer, the method and where the layer is defined."""
         with caffe_alias():
             try:
                 return fn(*args)
             except Exception as e:
-                raise self.error(PythonLayerError,
-                                 f"{self.module_name}.{self.class_name}.{what} raised "
-                                 f"{type(e).__name__}: {e}") from e
+                _add_note(e, self._where(what))
+                raise
+
+    def _where(self, what: str) -> str:
+        from caffe_compat.io import locate_layer
+
+        source = getattr(self.ctx, "source", None)
+        at = locate_layer(source, self.name) if source else None
+        return (f"{_NOTE_PREFIX}{self.name}' ({self.module_name}.{self.class_name}.{what})"
+                + (f" defined at {at}" if at else ""))
 
     def _learnable(self) -> list:
         blobs = self.impl.blobs
@@ -270,6 +304,38 @@ class PythonLayer(Layer):
         bdiffs = [np.array(b.diff, copy=True).reshape(arr.shape) for b, arr in zip(self._bottoms, bottom_np)]
         pdiffs = [np.array(b.diff, copy=True).reshape(arr.shape) for b, arr in zip(blobs, param_np)]
         return bdiffs, pdiffs
+
+    def caffe_backward(self, top_data, top_diff, propagate_down, bottom_data, bottom_diff,
+                       param_diff) -> Tuple[List[Tensor], List[Tensor]]:
+        """The user's ``backward(top, propagate_down, bottom)`` on the blobs as they are: no
+        forward is replayed, so state the layer kept since its last forward is what it reads."""
+        blobs = self._learnable()
+        dtype = next((t.dtype for t in (*bottom_data, *top_data) if t.is_floating_point()), self._probe.dtype)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+
+        def arr(t: Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy().astype(np_dtype, copy=False)
+
+        params = [getattr(self, n) for n in self.blob_names]
+        for blob, d, g in zip(self._bottoms, bottom_data, bottom_diff):
+            blob.retype(np_dtype)
+            blob.set_data(arr(d))
+            blob.set_diff(arr(g))
+        for blob, p, g in zip(blobs, params, param_diff):
+            blob.retype(np_dtype)
+            blob.set_data(arr(p))
+            blob.set_diff(arr(g))
+        for blob, d, g in zip(self._tops, top_data, top_diff):  # in place: the bottom's Blob
+            blob.retype(np_dtype)
+            blob.set_data(arr(d))
+            blob.set_diff(arr(g))
+        self._call(self.impl.backward, "backward", self._tops, list(propagate_down), self._bottoms)
+
+        def back(b, like: Tensor) -> Tensor:
+            return torch.from_numpy(np.array(b.diff, copy=True)).to(device=like.device, dtype=like.dtype)
+
+        return ([back(b, d) for b, d in zip(self._bottoms, bottom_data)],
+                [back(b, p).reshape(p.shape) for b, p in zip(blobs, params)])
 
     def _out_spec(self, bottoms: Sequence[Tensor]) -> Tuple[torch.dtype, torch.device]:
         for b in bottoms:

@@ -17,11 +17,17 @@ module whose import registers its layers); it is loaded the first time the type 
 
     [project.entry-points."caffe_compat.layers"]
     Yolov3 = "mypkg.layers:Yolov3"
+
+Python layers of a pipeline that lives outside ``caffe_compat.layers`` (py-faster-rcnn's,
+in :mod:`caffe_compat.frcnn.layers`) are *provided lazily*: :data:`PYTHON_PROVIDERS` names
+the module that registers each ``module.layer`` key, and the first lookup of such a key
+imports it.  A net without those layers never loads that code.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Type, TypeVar
+import importlib
+from typing import Callable, Dict, Mapping, Type, TypeVar
 
 from caffe_compat.errors import UnknownLayerError
 
@@ -61,6 +67,14 @@ def register_python(*module_layers: str) -> Callable[[T], T]:
 
 
 ENTRY_POINT_GROUP = "caffe_compat.layers"
+
+#: Python-layer key ('module.layer') -> the module whose import registers its native class.
+PYTHON_PROVIDERS: Mapping[str, str] = {
+    "rpn.anchor_target_layer.AnchorTargetLayer": "caffe_compat.frcnn.layers",
+    "rpn.proposal_layer.ProposalLayer": "caffe_compat.frcnn.layers",
+    "rpn.proposal_target_layer.ProposalTargetLayer": "caffe_compat.frcnn.layers",
+    "roi_data_layer.layer.RoIDataLayer": "caffe_compat.frcnn.layers",
+}
 
 
 def _ensure_loaded() -> None:
@@ -114,8 +128,12 @@ def lookup(type_name: str, *, layer: str | None = None) -> type:
 
 
 def lookup_python(module_layer: str) -> type | None:
-    """The native class for a Python layer 'module.layer', or None (then the shim runs it)."""
+    """The native class for a Python layer 'module.layer', or None (then the shim runs it).
+
+    A key of :data:`PYTHON_PROVIDERS` not registered yet imports its provider first."""
     _ensure_loaded()
+    if module_layer not in _PYTHON and module_layer in PYTHON_PROVIDERS:
+        importlib.import_module(PYTHON_PROVIDERS[module_layer])
     return _PYTHON.get(module_layer)
 
 
@@ -125,7 +143,10 @@ def registered_types() -> list[str]:
 
 
 def registered_python_layers() -> list[str]:
+    """Every Python-layer key with a native class (imports the lazy providers)."""
     _ensure_loaded()
+    for module in sorted(set(PYTHON_PROVIDERS.values())):
+        importlib.import_module(module)
     return sorted(_PYTHON)
 
 

@@ -1,12 +1,14 @@
-"""caffe_compat.boxes against plain-numpy references written from py-faster-rcnn's formulas."""
+"""caffe_compat.boxes (IoU, NMS) and caffe_compat.frcnn.boxes (anchors, regression) against
+plain-numpy references written from py-faster-rcnn's formulas."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from caffe_compat.boxes import (bbox_overlaps, bbox_transform, bbox_transform_inv, clip_boxes,
-                                filter_boxes, generate_anchors, nms, shifted_anchors)
+from caffe_compat.boxes import bbox_overlaps, nms
+from caffe_compat.frcnn.boxes import (bbox_transform, bbox_transform_inv, clip_boxes, filter_boxes,
+                                      generate_anchors, shifted_anchors)
 
 
 # ---------------------------------------------------------------------------- references

@@ -171,7 +171,8 @@ def _v1_caffemodel(big: int = 0) -> bytes:
     ``big``: floats in an extra InnerProduct weight blob, appended after the layer's other
     fields (protobuf accepts fields in any order; Caffe re-serializes canonically).
     """
-    from caffe_compat.weights import _encode_varint, _len_field, encode_blob
+    from caffe_compat.weights import encode_blob
+    from caffe_compat.wire import encode_varint, len_field
 
     rng = np.random.default_rng(3)
     net = caffe_pb2.NetParameter(name="v1")
@@ -192,9 +193,9 @@ def _v1_caffemodel(big: int = 0) -> bytes:
     if big:
         fc = caffe_pb2.V1LayerParameter(name="fc", type=caffe_pb2.V1LayerParameter.INNER_PRODUCT,
                                         bottom=["ip"], top=["fc"], blobs_lr=[1])
-        body = fc.SerializeToString() + _len_field(6, encode_blob(
+        body = fc.SerializeToString() + len_field(6, encode_blob(
             np.arange(big, dtype=np.float32).reshape(-1, 1000)))
-        data += _encode_varint((2 << 3) | 2) + _encode_varint(len(body)) + body
+        data += encode_varint((2 << 3) | 2) + encode_varint(len(body)) + body
     return data
 
 

@@ -6,11 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from caffe_compat import config
-from caffe_compat.config import (AttrDict, ConfigError, cfg, cfg_from_file, cfg_from_list,
-                                 default_cfg, get_output_dir, parse_param_str, reset_cfg,
-                                 temporary_cfg)
 from caffe_compat.errors import CaffeCompatError, SchemaError
+from caffe_compat.frcnn import config
+from caffe_compat.frcnn.config import (CONTEXT_KEY, AttrDict, ConfigError, build_cfg, cfg,
+                                       cfg_from_file, cfg_from_list, command_cfg, default_cfg,
+                                       get_output_dir, override_list, parse_param_str, reset_cfg,
+                                       temporary_cfg)
 
 # py-faster-rcnn's lib/fast_rcnn/config.py, key by key (written out here, not imported)
 TRAIN_DEFAULTS = {
@@ -200,6 +201,59 @@ def test_get_output_dir(tmp_path):
     out = get_output_dir(Named("voc_2007_trainval"), Named("ZF"), config=c)
     assert out == str(tmp_path / "output" / "default" / "voc_2007_trainval" / "ZF")
     assert os.path.isdir(out)
+
+
+# ---------------------------------------------------------------------------- commands and nets
+def test_command_cfg_applies_file_set_and_gpu_then_restores(tmp_path):
+    """One parse and one restore policy for every command's --cfg/--set/--gpu."""
+    yml = tmp_path / "a.yml"
+    yml.write_text("EXP_DIR: fromfile\nTRAIN:\n  SCALES: !!python/tuple [400]\n")
+    train = cfg.TRAIN
+    with command_cfg(str(yml), [("TRAIN.SCALES", "(500,)")], ["EXP_DIR", "fromset"], gpu_id=1) as c:
+        assert c is cfg and cfg.TRAIN is train
+        assert cfg.TRAIN.SCALES == (500,) and cfg.EXP_DIR == "fromset" and cfg.GPU_ID == 1
+    assert cfg.TRAIN.SCALES == (600,) and cfg.EXP_DIR == "default" and cfg.GPU_ID == 0
+    with command_cfg(None, (), gpu_id=-1):       # a negative --gpu is the CPU: GPU_ID unchanged
+        assert cfg.GPU_ID == 0
+    with pytest.raises(ValueError):
+        with command_cfg(None, [("EXP_DIR", "x")]):
+            raise ValueError("the command failed")
+    assert cfg.EXP_DIR == "default"              # restored on errors too
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cfg_file="missing.yml"), "config file not found"),
+    (dict(extra=["EXP_DIR", "x"]), "go after --set"),
+    (dict(set_pairs=[("EXP_DIR", "x")], extra=["TRAIN.SCALES", "--gpu"]), "unexpected option --gpu"),
+    (dict(set_pairs=[("TRAIN.SCALES", "600")]), "TRAIN.SCALES"),
+])
+def test_command_cfg_errors_change_nothing(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        with command_cfg(**kw):
+            pass
+    assert cfg.EXP_DIR == "default" and cfg.TRAIN.SCALES == (600,)
+
+
+def test_override_list_flattens_set_pairs_and_trailing_words():
+    assert override_list([("A", "1"), ("B", "2")], ["C", "3"]) == ["A", "1", "B", "2", "C", "3"]
+    assert override_list() == []
+
+
+def test_build_cfg_context_or_global():
+    class Ctx:
+        def __init__(self, extra):
+            self.extra = extra
+
+    assert build_cfg(Ctx({})) is cfg                      # nothing given: the global, now
+    mine = default_cfg()
+    assert build_cfg(Ctx({CONTEXT_KEY: mine})) is mine
+    partial = build_cfg(Ctx({CONTEXT_KEY: {"TEST": {"RPN_POST_NMS_TOP_N": 7}}}))
+    assert partial.TEST.RPN_POST_NMS_TOP_N == 7 and partial.TEST.RPN_PRE_NMS_TOP_N == 6000
+    assert cfg.TEST.RPN_POST_NMS_TOP_N == 300
+    with pytest.raises(ConfigError, match="RPN_POST_NMS_TOP_N"):
+        build_cfg(Ctx({CONTEXT_KEY: {"TEST": {"RPN_POST_NMS_TOP_N": 7.0}}}))
+    with pytest.raises(ConfigError, match="must be a config"):
+        build_cfg(Ctx({CONTEXT_KEY: 3}))
 
 
 # ---------------------------------------------------------------------------- param_str

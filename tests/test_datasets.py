@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from caffe_compat.config import temporary_cfg
-from caffe_compat.datasets import synthetic_voc
-from caffe_compat.datasets.factory import get_imdb, list_imdbs
-from caffe_compat.datasets.imdb import (imdb, load_proposals, load_roidb, save_proposals, save_roidb,
-                                        unique_boxes, filter_small_boxes)
-from caffe_compat.datasets.pascal_voc import VOC_CLASSES, pascal_voc
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.config import temporary_cfg
+from caffe_compat.frcnn.datasets import synthetic_voc
+from caffe_compat.frcnn.datasets.factory import get_imdb, list_imdbs
+from caffe_compat.frcnn.datasets.imdb import (imdb, load_proposals, load_roidb, save_proposals, save_roidb,
+                                              unique_boxes, filter_small_boxes)
+from caffe_compat.frcnn.datasets.pascal_voc import VOC_CLASSES, pascal_voc
 
 SIZE = (64, 96)
 
@@ -301,7 +301,7 @@ def test_factory_builds_voc(data_dir):
 
 # --------------------------------------------------------------------------- coco (JSON only)
 def test_coco_gt_from_json(tmp_path):
-    from caffe_compat.datasets.coco import coco, crowd_iou, filter_crowd_proposals
+    from caffe_compat.frcnn.datasets.coco import coco, crowd_iou, filter_crowd_proposals
 
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
@@ -445,7 +445,7 @@ def test_box_utils():
 
 def test_coco_evaluation_with_pycocotools(tmp_path):
     pytest.importorskip("pycocotools")
-    from caffe_compat.datasets.coco import _CocoJson, coco
+    from caffe_compat.frcnn.datasets.coco import _CocoJson, coco
 
     root = tmp_path / "coco" / "annotations"
     root.mkdir(parents=True)
@@ -499,7 +499,7 @@ def test_evaluate_recall():
 
 def test_flip_tolerates_overhanging_float_proposals():
     """Proposals mapped back from a resized image may overhang by under a pixel: clipped, not refused."""
-    from caffe_compat.datasets.imdb import imdb as Imdb
+    from caffe_compat.frcnn.datasets.imdb import imdb as Imdb
 
     class Tiny(Imdb):
         def __init__(self):

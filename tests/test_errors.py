@@ -24,8 +24,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from caffe_compat import limits
+from caffe_compat import limits, wire
 from caffe_compat import weights as W
+from caffe_compat.weights import caffemodel
 from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, LimitError, ParseError, PythonLayerError,
                                  SchemaError, ShapeError, SolverError, UnknownLayerError, WeightsError)
 from caffe_compat.io import read_binaryproto, read_net_text, read_solver_text
@@ -64,7 +65,7 @@ def write(d: pathlib.Path, name: str, content) -> pathlib.Path:
 
 
 def varint(v: int) -> bytes:
-    return W._encode_varint(v)
+    return wire.encode_varint(v)
 
 
 def field(num: int, wt: int, payload: bytes) -> bytes:
@@ -557,7 +558,7 @@ def test_blob_to_array_overflowing_shape_is_refused():
 # ---------------------------------------------------------------------- truncations
 def _layer_boundaries(data: bytes) -> set:
     """Offsets where a top-level field of a caffemodel ends (valid shorter messages)."""
-    return {b for _, _, _, b in W._fields(data, 0, len(data))}
+    return {b for _, _, _, b in wire.fields(data, 0, len(data))}
 
 
 def test_every_truncation_of_a_small_caffemodel(tmp_path):
@@ -798,7 +799,7 @@ def test_caffemodel_writer_raising_between_layers(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash while writing")
         return real(a)
 
-    monkeypatch.setattr(W, "encode_blob", flaky)
+    monkeypatch.setattr(caffemodel, "encode_blob", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
         Net(SMALL, seed=2).save_weights(str(path))
     assert path.read_bytes() == before and _no_temp_files(tmp_path) == []

@@ -12,32 +12,32 @@ import torch
 from click.testing import CliRunner
 from google.protobuf import text_format
 
-from caffe_compat import Net, forks
+from caffe_compat import Net, forks, wire
 from caffe_compat.errors import ParseError, UnknownLayerError
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import Layer
 from caffe_compat.protos import caffe_pb2
-from caffe_compat.weights import _encode_varint, _len_field, encode_blob, read_caffemodel
+from caffe_compat.weights import encode_blob, read_caffemodel
 
 
 # ------------------------------------------------------------------ wire helpers (by hand)
 def varint_field(num: int, v: int) -> bytes:
-    return _encode_varint(num << 3) + _encode_varint(v)
+    return wire.encode_varint(num << 3) + wire.encode_varint(v)
 
 
 def float_field(num: int, v: float) -> bytes:
-    return _encode_varint((num << 3) | 5) + np.float32(v).tobytes()
+    return wire.encode_varint((num << 3) | 5) + np.float32(v).tobytes()
 
 
 def layer_bytes(name: str, type_: str, *fields: bytes, blobs=()) -> bytes:
-    body = _len_field(1, name.encode()) + _len_field(2, type_.encode()) + b"".join(fields)
-    body += b"".join(_len_field(7, encode_blob(np.asarray(b, np.float32))) for b in blobs)
-    return _len_field(100, body)
+    body = wire.len_field(1, name.encode()) + wire.len_field(2, type_.encode()) + b"".join(fields)
+    body += b"".join(wire.len_field(7, encode_blob(np.asarray(b, np.float32))) for b in blobs)
+    return wire.len_field(100, body)
 
 
 def write_model(path, *layers: bytes) -> str:
     with open(path, "wb") as f:
-        f.write(_len_field(1, b"forknet") + b"".join(layers))
+        f.write(wire.len_field(1, b"forknet") + b"".join(layers))
     return str(path)
 
 
@@ -88,7 +88,7 @@ def test_pspnet_binary_interp_at_143_is_read_as_interp_not_input_param(tmp_path)
     # pad_end=6: -1 (varint of a negative int32 is 10 bytes)}
     interp = varint_field(3, 2) + varint_field(6, (1 << 64) - 1)
     path = write_model(tmp_path / "psp.caffemodel",
-                       layer_bytes("interp", "Interp", _len_field(143, interp)))
+                       layer_bytes("interp", "Interp", wire.len_field(143, interp)))
     _, layers = read_caffemodel(path)
     p = layers[0].param
     assert not p.HasField("input_param")
@@ -98,10 +98,10 @@ def test_pspnet_binary_interp_at_143_is_read_as_interp_not_input_param(tmp_path)
 
 def test_pspnet_bn_binary_decodes_with_pspnet_numbers_and_blobs_load(tmp_path):
     # PSPNet: bn_param = 152 {slope_filler=1 {value=2: 1.0}, momentum=3: 0.9, eps=4: 1e-5, frozen=5}
-    bn = _len_field(1, float_field(2, 1.0)) + float_field(3, 0.95) + float_field(4, 1e-4) + varint_field(5, 1)
+    bn = wire.len_field(1, float_field(2, 1.0)) + float_field(3, 0.95) + float_field(4, 1e-4) + varint_field(5, 1)
     blobs = [np.full((1, 3, 1, 1), v, np.float32) for v in (2.0, 0.5, 0.1, 4.0)]
     path = write_model(tmp_path / "bn.caffemodel",
-                       layer_bytes("bn1", "BN", _len_field(152, bn), blobs=blobs))
+                       layer_bytes("bn1", "BN", wire.len_field(152, bn), blobs=blobs))
     _, layers = read_caffemodel(path)
     p = layers[0].param.bn_param
     assert p.frozen and abs(p.momentum - 0.95) < 1e-7 and abs(p.eps - 1e-4) < 1e-9
@@ -112,7 +112,7 @@ def test_pspnet_bn_binary_decodes_with_pspnet_numbers_and_blobs_load(tmp_path):
 def test_segnet_bn_binary_decodes_with_segnet_numbers(tmp_path):
     # SegNet: bn_param = 45 {bn_mode=3: INFERENCE(1)}
     path = write_model(tmp_path / "segbn.caffemodel",
-                       layer_bytes("bn1", "BN", _len_field(45, varint_field(3, 1))))
+                       layer_bytes("bn1", "BN", wire.len_field(45, varint_field(3, 1))))
     _, layers = read_caffemodel(path)
     assert layers[0].param.bn_param.bn_mode == caffe_pb2.BNParameter.INFERENCE
 
@@ -122,10 +122,10 @@ def test_ssd_and_yolo_binaries(tmp_path):
     ups_yolo = varint_field(1, 2)  # eric612's upsample_param = 150 {scale=1: 2}
     ups_segnet = varint_field(1, 2) + varint_field(6, 45)  # SegNet's = 137 {scale, upsample_h=6}
     path = write_model(tmp_path / "ssd.caffemodel",
-                       layer_bytes("pb", "PriorBox", _len_field(203, prior)),
-                       layer_bytes("up_y", "Upsample", _len_field(150, ups_yolo)),
-                       layer_bytes("up_s", "Upsample", _len_field(137, ups_segnet)),
-                       layer_bytes("ro", "Reorg", _len_field(149, varint_field(1, 2))))
+                       layer_bytes("pb", "PriorBox", wire.len_field(203, prior)),
+                       layer_bytes("up_y", "Upsample", wire.len_field(150, ups_yolo)),
+                       layer_bytes("up_s", "Upsample", wire.len_field(137, ups_segnet)),
+                       layer_bytes("ro", "Reorg", wire.len_field(149, varint_field(1, 2))))
     _, layers = read_caffemodel(path)
     by = {l.name: l.param for l in layers}
     assert list(by["pb"].prior_box_param.min_size) == [30.0]
@@ -140,9 +140,9 @@ def test_other_forks_numbers_on_a_bvlc_layer_are_skipped_not_misread(tmp_path):
     # CaffeOnSpark writes a class name at 10001 (R-FCN's psroi_pooling_param number) on data
     # layers, and a Convolution from an unknown fork may carry anything at 143 (input_param).
     path = write_model(tmp_path / "spark.caffemodel",
-                       layer_bytes("data", "MemoryData", _len_field(10001, b"com.example.Frame")),
-                       layer_bytes("conv", "Convolution", _len_field(143, b"\x0a\x03\xff\xff\xff"),
-                                   _len_field(106, varint_field(1, 4)),
+                       layer_bytes("data", "MemoryData", wire.len_field(10001, b"com.example.Frame")),
+                       layer_bytes("conv", "Convolution", wire.len_field(143, b"\x0a\x03\xff\xff\xff"),
+                                   wire.len_field(106, varint_field(1, 4)),
                                    blobs=[np.ones((4, 1, 1, 1))]))
     _, layers = read_caffemodel(path)
     assert not layers[0].param.HasField("psroi_pooling_param")
@@ -161,14 +161,14 @@ def test_other_forks_numbers_on_a_bvlc_layer_are_skipped_not_misread(tmp_path):
     ('type: "Upsample" upsample_param { scale: 2 upsample_h: 9 }', 137),
 ])
 def test_written_caffemodels_use_the_forks_numbers(tmp_path, snippet, fork_number):
-    from caffe_compat.weights import _fields, write_caffemodel
+    from caffe_compat.weights import write_caffemodel
 
     lp = text_format.Parse(f'name: "l" {snippet}', caffe_pb2.LayerParameter())
     path = str(tmp_path / "w.caffemodel")
     write_caffemodel(path, "n", [(lp, [np.zeros(2, np.float32)])])
     raw = open(path, "rb").read()
-    (num, _, a, b), = [x for x in _fields(raw, 0, len(raw)) if x[0] == 100]
-    nums = [n for n, *_ in _fields(raw, a, b)]
+    (num, _, a, b), = [x for x in wire.fields(raw, 0, len(raw)) if x[0] == 100]
+    nums = [n for n, *_ in wire.fields(raw, a, b)]
     assert fork_number in nums and all(n < 400_000_000 for n in nums)
     _, back = read_caffemodel(path)
     assert text_format.MessageToString(back[0].param) == text_format.MessageToString(lp)
@@ -333,7 +333,7 @@ def test_fork_table_facts_are_consistent():
     # (layer type, the fork's LayerParameter field number, the param message's bytes, check)
     ("Upsample", 147, varint_field(1, 3),  # ENet: upsample_param = 147 (BVLC's swish_param)
      lambda p: p.upsample_param.scale == 3 and not p.HasField("swish_param")),
-    ("DenseImageData", 46, _len_field(1, b"list.txt") + varint_field(2, 4),  # ENet: 46
+    ("DenseImageData", 46, wire.len_field(1, b"list.txt") + varint_field(2, 4),  # ENet: 46
      lambda p: p.dense_image_data_param.source == "list.txt" and p.dense_image_data_param.batch_size == 4),
     ("PSROIPooling", 10001, float_field(1, 0.0625) + varint_field(2, 21) + varint_field(3, 7),  # R-FCN
      lambda p: p.psroi_pooling_param.output_dim == 21 and p.psroi_pooling_param.group_size == 7),
@@ -352,12 +352,12 @@ def test_fork_table_facts_are_consistent():
     ("Normalize", 206, varint_field(1, 0) + varint_field(3, 1) + float_field(4, 1e-10),  # SSD
      lambda p: not p.norm_param.across_spatial and p.norm_param.channel_shared),
     ("DetectionOutput", 204, varint_field(1, 21) + varint_field(7, 200)  # SSD, nested nms_param
-     + _len_field(4, float_field(1, 0.45) + varint_field(2, 400)),
+     + wire.len_field(4, float_field(1, 0.45) + varint_field(2, 400)),
      lambda p: p.detection_output_param.keep_top_k == 200
      and p.detection_output_param.nms_param.top_k == 400),
 ])
 def test_each_forks_binary_numbers_are_read_by_layer_type(tmp_path, type_, number, payload, check):
-    path = write_model(tmp_path / "fork.caffemodel", layer_bytes("l", type_, _len_field(number, payload)))
+    path = write_model(tmp_path / "fork.caffemodel", layer_bytes("l", type_, wire.len_field(number, payload)))
     _, layers = read_caffemodel(path)
     assert check(layers[0].param), layers[0].param
     assert layers[0].skipped_fields == []

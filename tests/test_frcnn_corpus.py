@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from caffe_compat import Net
-from caffe_compat.config import cfg_from_file, temporary_cfg
+from caffe_compat.frcnn.config import cfg_from_file, temporary_cfg
 
 from conftest import CORPUS
 

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 import caffe_compat.frcnn.test as T
 from caffe_compat.cli.main import main
 from caffe_compat.cli.test import caffe_test
-from caffe_compat.config import ConfigError, cfg, temporary_cfg
-from caffe_compat.datasets.pascal_voc import VOC_CLASSES, pascal_voc
-from caffe_compat.datasets.synthetic_voc import write_dataset
 from caffe_compat.errors import DataError, GraphError
+from caffe_compat.frcnn.config import ConfigError, cfg, temporary_cfg
+from caffe_compat.frcnn.datasets.pascal_voc import VOC_CLASSES, pascal_voc
+from caffe_compat.frcnn.datasets.synthetic_voc import write_dataset
 from caffe_compat.frcnn.vis import class_colour, class_colours, draw_detections
 from caffe_compat.net import Net
 
@@ -210,8 +210,8 @@ def test_im_detect_clips_boxes_to_the_image():
 
 
 def test_im_detect_without_any_proposal():
-    net = rpn_net()
     with temporary_cfg(dict(SMALL, **{"TEST.HAS_RPN": True, "TEST.RPN_MIN_SIZE": 10000})):
+        net = rpn_net()                    # the RPN layer reads its cfg keys when it is built
         scores, boxes = T.im_detect(net, noise_image())
     assert net.blobs["rois"].shape == (0, 5)
     assert scores.shape == (0, 21) and boxes.shape == (0, 84)
@@ -263,9 +263,9 @@ def test_im_detect_on_the_corpus_zf_end2end_net(corpus):
     proto = corpus / "py-faster-rcnn" / "models" / "pascal_voc" / "ZF" / "faster_rcnn_end2end" / "test.prototxt"
     if not proto.is_file():
         pytest.skip(f"{proto} not in the corpus")
-    net = Net(str(proto), seed=1)          # fillers only: the point is the wiring, not the numbers
     im = noise_image(70, 100)
     with temporary_cfg(dict(SMALL, **{"TEST.HAS_RPN": True, "TEST.RPN_POST_NMS_TOP_N": 20})):
+        net = Net(str(proto), seed=1)      # fillers only: the point is the wiring, not the numbers
         scores, boxes = T.im_detect(net, im)
     R = net.blobs["rois"].shape[0]
     assert 0 < R <= 20 and scores.shape == (R, 21) and boxes.shape == (R, 84)
@@ -545,7 +545,7 @@ def run_cli(args):
 
 
 def write_images(tmp_path, n=2):
-    from caffe_compat.datasets.synthetic_voc import render_image
+    from caffe_compat.frcnn.datasets.synthetic_voc import render_image
 
     paths = []
     for i in range(n):

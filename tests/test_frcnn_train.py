@@ -20,13 +20,11 @@ import pytest
 import torch
 
 from caffe_compat import Net
-from caffe_compat.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
-from caffe_compat.datasets.synthetic_voc import write_dataset
-from caffe_compat.frcnn.progress import GlogFormatter, TrainingMonitor, draw_loss_curve, format_duration
-from caffe_compat.frcnn.train import (TrainSolver, combined_roidb, load_solver_param,
-                                      normalize_bbox_params, parse_formats, resolve_net_paths,
-                                      seed_everything, train_net, train_plain,
+from caffe_compat.frcnn.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
+from caffe_compat.frcnn.datasets.synthetic_voc import write_dataset
+from caffe_compat.frcnn.train import (FrcnnSolver, combined_roidb, normalize_bbox_params, train_net,
                                       unnormalize_bbox_params)
+from caffe_compat.trainer import load_solver_param, parse_formats, resolve_net_paths, seed_everything
 from caffe_compat.weights import caffemodel_state_dict
 
 from conftest import CORPUS, ROOT
@@ -151,7 +149,7 @@ def test_snapshot_unnormalizes_and_restores_exactly(voc_small, tmp_path):
     stds = np.tile([0.1, 0.13, 0.2, 0.27], 21)
     with temporary_cfg():
         cfg_from_file(str(TINY_YML))
-        s = TrainSolver(_tiny_solver(), output_dir=str(tmp_path), formats=("caffemodel", "safetensors"))
+        s = FrcnnSolver(_tiny_solver(), output_dir=str(tmp_path), formats=("caffemodel", "safetensors"))
         assert s.set_bbox_stats(means, stds)
         layer = s.net.layer("bbox_pred")
         with torch.no_grad():
@@ -167,7 +165,7 @@ def test_snapshot_unnormalizes_and_restores_exactly(voc_small, tmp_path):
             assert np.array_equal(uw.numpy(), (w0.numpy() * stds[:, None]).astype(np.float32)), path
             assert np.array_equal(ub.numpy(), (b0.numpy() * stds + means).astype(np.float32)), path
         assert not torch.equal(normalize_bbox_params(uw, ub, means, stds)[0], w0)  # lossy
-        s2 = TrainSolver(_tiny_solver(), output_dir=str(tmp_path))
+        s2 = FrcnnSolver(_tiny_solver(), output_dir=str(tmp_path))
         s2.set_bbox_stats(means, stds)
         s2.restore(state)
         l2 = s2.net.layer("bbox_pred")
@@ -178,7 +176,7 @@ def test_snapshot_unnormalizes_and_restores_exactly(voc_small, tmp_path):
 def test_snapshot_names_infix_and_formats(tmp_path):
     with temporary_cfg():
         cfg_from_file(str(TINY_YML))
-        s = TrainSolver(_tiny_solver(), output_dir=str(tmp_path), infix="stage1", formats=("safetensors",))
+        s = FrcnnSolver(_tiny_solver(), output_dir=str(tmp_path), infix="stage1", formats=("safetensors",))
         s.iter = 7
         model, state = s.snapshot()
     assert model == str(tmp_path / "faster_rcnn_tiny_stage1_iter_7.safetensors")
@@ -268,7 +266,10 @@ def test_cli_train_set_overrides_and_output(voc_small, tmp_path, monkeypatch, qu
             "train", "--solver", "models/faster_rcnn_tiny/solver.prototxt", "--cfg", str(TINY_YML),
             "--iters", "3", "--output", str(out), "--format", "both", "--no-progress",
             "--set", "DATA_DIR", voc_small, "TRAIN.SNAPSHOT_ITERS", "2", "TRAIN.SNAPSHOT_INFIX", "x"])
-        assert cfg.TRAIN.SNAPSHOT_INFIX == "x"   # --set applied (restored on exit)
+        # --cfg and --set were in force for the command only (the snapshot names below show
+        # the --set); nothing leaks into the process's cfg
+        assert cfg.TRAIN.SNAPSHOT_INFIX == "" and cfg.TRAIN.SNAPSHOT_ITERS == 10000
+        assert cfg.TRAIN.HAS_RPN is False and cfg.DATA_DIR != voc_small
     assert res.exit_code == 0, res.output
     assert f"final model: {out / 'faster_rcnn_tiny_x_iter_3.caffemodel'}" in res.output
     names = sorted(os.listdir(out))
@@ -278,75 +279,6 @@ def test_cli_train_set_overrides_and_output(voc_small, tmp_path, monkeypatch, qu
     assert "faster_rcnn_tiny_x_loss.png" in names and "faster_rcnn_tiny_x_loss.csv" in names
     bad = CliRunner().invoke(main, ["train", "--solver", str(TINY_SOLVER), "extra"])
     assert bad.exit_code == 2 and "--set" in bad.output
-
-
-PLAIN_NET = """
-name: "plain"
-layer { name: "data" type: "DummyData" top: "x" top: "y"
-  dummy_data_param { shape { dim: 8 dim: 4 } shape { dim: 8 dim: 1 }
-                     data_filler { type: "constant" value: 1 } data_filler { type: "constant" value: 0.5 } } }
-layer { name: "fc" type: "InnerProduct" bottom: "x" top: "p"
-  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "loss" }
-"""
-
-
-def test_plain_net_trains_like_caffe_train(tmp_path, monkeypatch):
-    """No RoIDataLayer: the solver runs on its own (max_iter, snapshot interval, prefix);
-    resuming its snapshot elsewhere ends with the same weights.  (Constant DummyData: the
-    random stream of a DummyData layer is the layer's own, which solver states do not keep.)"""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "net.prototxt").write_text(PLAIN_NET)
-    (tmp_path / "solver.prototxt").write_text(
-        'net: "net.prototxt" base_lr: 0.1 lr_policy: "fixed" max_iter: 20 snapshot: 10 '
-        'snapshot_prefix: "snap/plain" display: 5 random_seed: 1')
-    (tmp_path / "snap").mkdir()
-    r = train_plain("solver.prototxt", progress=False)
-    assert r.iterations == 20
-    assert [os.path.basename(p) for p in r.model_paths] == ["plain_iter_10.caffemodel", "plain_iter_20.caffemodel"]
-    losses = [h[1] for h in r.history]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
-    assert r.loss_curve == str(tmp_path / "snap" / "plain_loss.png")
-    r2 = train_plain("solver.prototxt", progress=False, resume="snap/plain_iter_10.solverstate",
-                     output_dir=str(tmp_path / "again"))
-    assert r2.model_paths == [str(tmp_path / "again" / "plain_iter_20.caffemodel")]
-    with open(r.final_model, "rb") as fa, open(r2.final_model, "rb") as fb:
-        assert fa.read() == fb.read()
-
-
-# ----------------------------------------------------------------------------- progress
-def test_progress_outputs(tmp_path):
-    import io
-
-    import cv2
-
-    class Info:
-        def __init__(self, it):
-            self.iter, self.loss, self.smoothed_loss, self.lr = it, 2.0 / it, 2.0 / it, 0.01
-
-    buf = io.StringIO()
-    mon = TrainingMonitor(10, stream=buf, tty=True, refresh=0.0)
-    for i in range(1, 11):
-        mon.on_iteration(None, Info(i))
-    mon.close()
-    text = buf.getvalue()
-    assert "\r\x1b[K" in text and "10/10" in text and "ETA" in text and text.endswith("\n")
-    buf = io.StringIO()
-    mon = TrainingMonitor(10, stream=buf, tty=False, every=5)
-    for i in range(1, 11):
-        mon.on_iteration(None, Info(i))
-    lines = buf.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("progress: iteration 10/10 (100.0%)")
-    assert "\r" not in buf.getvalue()
-    img = draw_loss_curve(str(tmp_path / "c.png"), mon.iterations, mon.losses, mon.smoothed_losses)
-    back = cv2.imread(str(tmp_path / "c.png"))
-    assert back is not None and back.shape == img.shape == (520, 900, 3)
-    assert format_duration(3725) == "1:02:05" and format_duration(65) == "1:05"
-    rec = logging.LogRecord("caffe_compat.solver", logging.INFO, "solver.py", 459,
-                            "Iteration %d, loss = %s", (20, "0.5"), None)
-    line = GlogFormatter().format(rec)
-    # what Caffe's tools/extra/parse_log.py expects
-    assert re.match(r"^I\d{4} \d{2}:\d{2}:\d{2}\.\d{6} +\d+ solver\.py:459\] Iteration 20, loss = 0\.5$", line)
 
 
 # ----------------------------------------------------------------------------- (e) alt-opt
@@ -387,10 +319,10 @@ def _check_alt_opt(res, out, stage_dir, voc_small, tmp_path):
     for stage in ("zf_rpn_stage1", "zf_fast_rcnn_stage1", "zf_rpn_stage2", "zf_fast_rcnn_stage2"):
         rows = np.loadtxt(out / f"{stage}_loss.csv", delimiter=",", skiprows=1, ndmin=2)
         assert (rows[:, 1] > 0).all() and np.isfinite(rows[:, 1]).all(), (stage, rows)
-    from caffe_compat.datasets.imdb import load_proposals
+    from caffe_compat.frcnn.datasets.imdb import load_proposals
 
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.datasets.imdb import image_size
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.frcnn.datasets.imdb import image_size
 
     with temporary_cfg({"DATA_DIR": voc_small}):
         imdb = get_imdb("voc_2007_trainval")
@@ -461,7 +393,7 @@ def test_tiny_faster_rcnn_learns_the_synthetic_set(voc_main, tmp_path):
     for 800 iterations on the 300 synthetic trainval images reaches a VOC07 mAP of 0.5558 on
     the 100 test images (threshold 0.35; a detector guessing boxes scores about 0); its
     loss falls from 2.11 (mean of the first 50 iterations) to 1.06 (last 50)."""
-    from caffe_compat.datasets.factory import get_imdb
+    from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.test import test_net
 
     with temporary_cfg():

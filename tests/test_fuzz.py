@@ -532,20 +532,20 @@ def test_fuzz_hdf5_loader(tmp_path_factory, ops):
         Net(NETS[0], seed=0).save_weights(str(seed))
         _SEED_H5.append(seed.read_bytes())
     if len(_SEED_H5) == 1:
-        from caffe_compat.hdf5_format import write_solver_state_hdf5
+        from caffe_compat.solver import SolverState, state_hdf5
 
         state = folder / "seed.solverstate.h5"
-        write_solver_state_hdf5(str(state), iteration=7, current_step=1, learned_net="m.caffemodel.h5",
-                                history=[torch.ones(3, 2), torch.zeros(3)])
+        state_hdf5.write_state(str(state), SolverState(iter=7, current_step=1, learned_net="m.caffemodel.h5",
+                                                       history=[torch.ones(3, 2), torch.zeros(3)]))
         _SEED_H5.append(state.read_bytes())
     path = folder / "fuzz.caffemodel.h5"
     path.write_bytes(mutate_bytes(_SEED_H5[0], ops, BIN_TOKENS))
     _expect_only_caffe_errors(lambda: Net(NETS[0]).load_weights(str(path)))
-    from caffe_compat.hdf5_format import read_solver_state_hdf5
+    from caffe_compat.solver import state_hdf5
 
     path = folder / "fuzz.solverstate.h5"
     path.write_bytes(mutate_bytes(_SEED_H5[1], ops, BIN_TOKENS))
-    _expect_only_caffe_errors(read_solver_state_hdf5, str(path))
+    _expect_only_caffe_errors(state_hdf5.read_state, str(path))
 
 
 def test_fuzz_memory_stayed_bounded():

@@ -16,12 +16,12 @@ import torch
 
 h5py = pytest.importorskip("h5py")
 
-from caffe_compat import hdf5_format as H5  # noqa: E402
+from caffe_compat.weights import hdf5 as H5  # noqa: E402
 from caffe_compat import weights as W  # noqa: E402
 from caffe_compat.errors import ParseError, SolverError, WeightsError  # noqa: E402
 from caffe_compat.net import Net  # noqa: E402
 from caffe_compat.protos import caffe_pb2  # noqa: E402
-from caffe_compat.solver import Solver  # noqa: E402
+from caffe_compat.solver import Solver, SolverState, state_hdf5  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from test_weights import (SHARED, TINY, assert_same_state, blob_bytes, net_values,  # noqa: E402
                           run_cli, tiny_net)
@@ -335,7 +335,7 @@ def test_no_data_group(tmp_path):
                                            r"\(top-level entries: features\)"):
         tiny_net().load_weights(str(path))
     state = tmp_path / "s.solverstate.h5"
-    H5.write_solver_state_hdf5(str(state), iteration=1, current_step=0, learned_net="x", history=[])
+    state_hdf5.write_state(str(state), SolverState(iter=1, current_step=0, learned_net="x", history=[]))
     with pytest.raises(WeightsError, match="looks like a solver state"):
         tiny_net().load_weights(str(state))
 
@@ -353,7 +353,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     def boom(t):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(H5, "_as_array", boom)
+    monkeypatch.setattr(H5, "as_array", boom)
     with pytest.raises(OSError, match="No space left"):
         tiny_net(8).save_weights(str(path))
     assert path.read_bytes() == before
@@ -523,8 +523,8 @@ def test_bad_hdf5_solver_states(tmp_path):
     text = _solver_body(tmp_path, 'type: "SGD" base_lr: 0.1 lr_policy: "fixed"')
     s = Solver(text, feed=_feed)
     bad = tmp_path / "bad.solverstate.h5"
-    H5.write_solver_state_hdf5(str(bad), iteration=1, current_step=0, learned_net="",
-                               history=[torch.zeros(2)])
+    state_hdf5.write_state(str(bad), SolverState(iter=1, current_step=0, learned_net="",
+                                                 history=[torch.zeros(2)]))
     with pytest.raises(SolverError, match=r"incorrect number of history blobs: the state has 1, a SGD "
                                           r"solver on this net needs 5 \(or 8 in Caffe's layout"):
         s.restore(str(bad))
@@ -544,7 +544,8 @@ def test_bad_hdf5_solver_states(tmp_path):
 
 
 def test_frcnn_trainer_refuses_hdf5_plain_nets_get_it(tmp_path):
-    from caffe_compat.frcnn.train import TrainSolver
+    from caffe_compat.frcnn.train import FrcnnSolver
+    from caffe_compat.trainer import TrainSolver
 
     frcnn = tmp_path / "frcnn.prototxt"
     frcnn.write_text('layer { name: "input-data" type: "Python" top: "data" top: "im_info" top: "gt_boxes" '
@@ -553,7 +554,7 @@ def test_frcnn_trainer_refuses_hdf5_plain_nets_get_it(tmp_path):
     body = _solver_body(tmp_path, 'base_lr: 0.1 lr_policy: "fixed" snapshot_format: HDF5')
     with pytest.raises(SolverError, match="snapshot_format: HDF5 is not supported by the Faster R-CNN "
                                           "trainer"):
-        TrainSolver(body.replace(str(tmp_path / "net.prototxt"), str(frcnn)))
+        FrcnnSolver(body.replace(str(tmp_path / "net.prototxt"), str(frcnn)))
     s = TrainSolver(body, feed=_feed)   # a plain net: Caffe's HDF5 snapshots, as `caffe train`
     s.step(2)
     model, state = s.snapshot()
@@ -596,7 +597,7 @@ def test_caffe_restores_and_loads_our_hdf5_files(golden, tmp_path):
 def test_errors_not_from_h5py_keep_their_own_message(tmp_path, monkeypatch):
     """Only h5py's failures mean a damaged file; e.g. a CUDA out-of-memory while copying must
     not be reported as 'corrupt HDF5 weights file'."""
-    import caffe_compat.hdf5_format as H
+    import caffe_compat.weights.hdf5 as H
 
     path = _write_tiny(tmp_path)
 

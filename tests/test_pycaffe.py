@@ -280,6 +280,38 @@ def test_backward_without_loss_is_a_no_op_unless_forced(net, tmp_path):
     assert not forced.params["ip"][0].diff.any()
 
 
+def test_backward_without_forward_runs_on_the_blobs(tmp_path):
+    """Real pycaffe: ``net.backward()`` (python/caffe/pycaffe.py ``_Net_backward``) goes
+    straight to ``Net::BackwardFromTo`` (src/caffe/net.cpp), which runs each layer's Backward
+    on what the blobs hold, forward or not.  So the diffs are those of the blobs' current data
+    and top diffs: the in-place ReLU reads the 'ip' blob (its own output), the split sums its
+    tops' diffs, InnerProduct uses the data blob and its weights; no top data is computed."""
+    p = tmp_path / "forced.prototxt"
+    p.write_text("force_backward: true\n" + NET)
+    n = caffe.Net(str(p), caffe.TEST)
+    w = np.array([[1, 0, -1], [0.5, 2, 0]], np.float32)
+    n.params["ip"][0].data[...] = w
+    n.params["ip"][1].data[...] = 0
+    x = np.array([[1, 2, 3], [-1, 0, 1]], np.float32)
+    ip = np.array([[1, -2], [0.5, 3]], np.float32)          # what the ReLU left, not relu(x W^T)
+    da = np.array([[1, 2], [3, 4]], np.float32)
+    db = np.array([[0.5, -1], [2, 0]], np.float32)
+    n.blobs["data"].data[...] = x
+    n.blobs["ip"].data[...] = ip
+    n.blobs["a"].diff[...] = da
+    n.blobs["b"].diff[...] = db
+    d = n.backward()
+    g = (2 * da + db) * (ip > 0)                                # Power(scale 2), Power(shift 1), ReLU
+    np.testing.assert_allclose(n.blobs["ip_relu_0_split_0"].diff, 2 * da)
+    np.testing.assert_allclose(n.blobs["ip_relu_0_split_1"].diff, db)
+    np.testing.assert_allclose(n.blobs["ip"].diff, g)
+    np.testing.assert_allclose(d["data"], g @ w, rtol=1e-6)
+    np.testing.assert_allclose(n.params["ip"][0].diff, g.T @ x, rtol=1e-6)
+    np.testing.assert_allclose(n.params["ip"][1].diff, g.sum(0), rtol=1e-6)
+    assert not n.blobs["a"].data.any() and not n.blobs["b"].data.any()
+    np.testing.assert_array_equal(n.blobs["ip"].data, ip)   # backward changes no data
+
+
 def test_in_place_on_a_shared_blob_is_refused_as_in_caffe(tmp_path):
     p = tmp_path / "bad.prototxt"
     p.write_text(NET.replace('layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }\n', "")
@@ -311,15 +343,16 @@ def test_host_copies_of_non_cpu_float32_params_are_uploaded(tmp_path):
 
 
 def test_set_roidb_supplies_the_minibatch_builder():
-    from caffe_compat.pycaffe._net import LayerView, _Step
-    from caffe_compat.roidb import get_minibatch
+    from caffe_compat.insert_splits import Step
+    from caffe_compat.pycaffe._net import LayerView
+    from caffe_compat.frcnn.roidb import get_minibatch
 
     class Native:
         def set_roidb(self, roidb, get_minibatch, generator=None):
             self.got = (roidb, get_minibatch)
 
     native = Native()
-    view = LayerView(_Step("input-data", "Python", native, [], ["data"], [0.0]), caffe.BlobVec())
+    view = LayerView(Step("input-data", "Python", native, [], ["data"], [0.0]), caffe.BlobVec())
     view.set_roidb(["r"])
     assert native.got == (["r"], get_minibatch)
     view.extra = 1

@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from caffe_compat.errors import PythonLayerError
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import BuildContext
-from caffe_compat.layers.python import ENV_ALLOW, PythonLayer, caffe_alias
+from caffe_compat.layers.python import ENV_ALLOW, PythonLayer, caffe_alias, python_layer_note
 from caffe_compat.protos import caffe_pb2
 from caffe_compat.pycaffe import TEST, TRAIN, Blob, Layer, Phase
 
@@ -208,11 +208,14 @@ def test_in_place_top_is_the_bottom_blob():
 
 
 # ============================================================================ errors
-def test_user_exception_is_wrapped():
-    with pytest.raises(PythonLayerError, match=r"layer 'py'.*FailingLayer\.setup raised ValueError: "
-                                               r"bad param_str: 'oops'") as ei:
+def test_user_exception_keeps_its_type():
+    """Caffe's PythonLayer calls ``self_.attr("setup")(bottom, top)`` through boost::python
+    (include/caffe/layers/python_layer.hpp): the Python exception stays set and reaches the
+    caller as it was raised.  Here it is the same exception object, with a PEP 678 note."""
+    with pytest.raises(ValueError) as ei:
         build("FailingLayer", [(1,)], param_str="oops")
-    assert isinstance(ei.value.__cause__, ValueError)
+    assert type(ei.value) is ValueError and str(ei.value) == "bad param_str: 'oops'"
+    assert ei.value.__notes__ == ["in Python layer 'py' (cc_pylayers.FailingLayer.setup)"]
 
 
 def test_missing_module_and_class():
@@ -483,3 +486,170 @@ def test_net_finds_module_beside_prototxt(tmp_path, monkeypatch):
         assert x.grad.tolist() == [2.0, -4.0, 6.0]
     finally:
         sys.modules.pop("cc_net_beside", None)
+
+
+# ============================================================================ Caffe's behaviours
+RAISING = textwrap.dedent("""
+    import caffe
+
+    KINDS = {"RuntimeError": RuntimeError, "ValueError": ValueError, "KeyError": KeyError}
+
+    class Raising(caffe.Layer):
+        '''param_str "METHOD:EXCEPTION": raise EXCEPTION from METHOD.'''
+
+        def _maybe(self, where):
+            method, kind = self.param_str.split(":")
+            if method == where:
+                raise KINDS[kind]("raised in " + where)
+
+        def setup(self, bottom, top):
+            self._maybe("setup")
+
+        def reshape(self, bottom, top):
+            self._maybe("reshape")
+            top[0].reshape(*bottom[0].data.shape)
+
+        def forward(self, bottom, top):
+            self._maybe("forward")
+            top[0].data[...] = bottom[0].data
+
+        def backward(self, top, propagate_down, bottom):
+            self._maybe("backward")
+            bottom[0].diff[...] = top[0].diff
+""")
+
+RAISING_NET = """force_backward: true
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "boom" type: "Python" bottom: "x" top: "y" loss_weight: 1
+        python_param { module: "cc_raising" layer: "Raising" param_str: "%s" } }
+"""
+
+
+@pytest.fixture
+def raising_net(tmp_path, monkeypatch):
+    """A prototxt whose Python layer 'boom' (line 3) raises what param_str says."""
+    (tmp_path / "cc_raising.py").write_text(RAISING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(param_str: str) -> pathlib.Path:
+        path = tmp_path / f"{param_str.replace(':', '_')}.prototxt"
+        path.write_text(RAISING_NET % param_str)
+        return path
+
+    yield make
+    sys.modules.pop("cc_raising", None)
+
+
+@pytest.mark.parametrize("method,kind", [("setup", RuntimeError), ("reshape", ValueError),
+                                         ("forward", KeyError), ("backward", RuntimeError)])
+def test_pycaffe_python_layer_exception_reaches_the_script(raising_net, method, kind):
+    """What real pycaffe does: include/caffe/layers/python_layer.hpp calls the layer's
+    ``setup``/``reshape``/``forward``/``backward`` through boost::python, whose
+    ``error_already_set`` leaves the Python exception set while it unwinds Net::Init /
+    Net::ForwardFromTo / Net::BackwardFromTo, and python/caffe/_caffe.cpp's wrappers hand it
+    to the caller as raised.  So a legacy ``except RuntimeError:`` around ``caffe.Net(...)``
+    catches a RuntimeError from ``setup`` and a KeyError stays a KeyError.  caffe-compat
+    adds a PEP 678 note naming the layer, the method and the prototxt's file:line."""
+    import caffe_compat.pycaffe as caffe
+
+    path = raising_net(f"{method}:{kind.__name__}")
+    caught = None
+    try:
+        net = caffe.Net(str(path), caffe.TEST)
+        net.forward()
+        net.backward()
+    except kind as e:  # the legacy pattern: the script's own except clause
+        caught = e
+    assert type(caught) is kind and not isinstance(caught, PythonLayerError)
+    assert str(caught) in (f"raised in {method}", repr(f"raised in {method}"))
+    assert caught.__notes__ == [f"in Python layer 'boom' (cc_raising.Raising.{method}) defined at {path}:3"]
+    assert python_layer_note(caught) == caught.__notes__[0]
+    assert python_layer_note(ValueError("not from a layer")) is None
+
+
+@pytest.mark.parametrize("method,kind", [("forward", ValueError), ("backward", KeyError)])
+def test_core_net_python_layer_exception_keeps_its_type(raising_net, method, kind):
+    """The same through the core Net's whole-graph forward and autograd backward."""
+    Net = _net_cls()
+    path = raising_net(f"{method}:{kind.__name__}")
+    net = Net(str(path), phase="train", allow_python_layers=True)
+    with pytest.raises(kind) as ei:
+        net.forward(x=torch.ones(2, 3, requires_grad=True))
+        net.backward()
+    assert ei.value.__notes__ == [f"in Python layer 'boom' (cc_raising.Raising.{method}) defined at {path}:3"]
+
+
+STATEFUL = textwrap.dedent("""
+    import caffe
+
+    class Stateful(caffe.Layer):
+        '''y = scale * x; backward reads the scale and the blobs as they are now.'''
+
+        def setup(self, bottom, top):
+            self.calls = []
+            self.scale = 3.0
+
+        def reshape(self, bottom, top):
+            top[0].reshape(*bottom[0].data.shape)
+
+        def forward(self, bottom, top):
+            self.calls.append("forward")
+            top[0].data[...] = self.scale * bottom[0].data
+
+        def backward(self, top, propagate_down, bottom):
+            self.calls.append(("backward", list(propagate_down)))
+            bottom[0].diff[...] = self.scale * top[0].diff + bottom[0].data
+""")
+
+
+def test_pycaffe_backward_without_forward_calls_the_python_layer_as_it_is(tmp_path, monkeypatch):
+    """Real pycaffe: ``net.backward()`` is python/caffe/pycaffe.py's ``_Net_backward``, which
+    calls ``_backward`` (Net::BackwardFromTo, src/caffe/net.cpp) at once: every layer that
+    needs backward gets ``Backward(top, propagate_down, bottom)`` on what the blobs hold,
+    whether or not a forward ran, and a Python layer's own ``backward`` is called with its
+    state as it is (python_layer.hpp).  No forward is replayed."""
+    import caffe_compat.pycaffe as caffe
+
+    (tmp_path / "cc_stateful.py").write_text(STATEFUL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "s.prototxt"
+    path.write_text('force_backward: true\n'
+                    'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                    'layer { name: "py" type: "Python" bottom: "x" top: "y" '
+                    'python_param { module: "cc_stateful" layer: "Stateful" } }\n')
+    try:
+        net = caffe.Net(str(path), caffe.TEST)
+        layer = net.layer_dict["py"]
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        g = np.full((2, 3), 0.5, np.float32)
+        net.blobs["x"].data[...] = x
+        net.blobs["y"].diff[...] = g
+        d = net.backward()
+        assert layer.calls == [("backward", [True])]              # no forward ran
+        np.testing.assert_allclose(d["x"], 3.0 * g + x)
+        assert not net.blobs["y"].data.any()                      # nothing computed y
+        layer.scale = -1.0                                        # the layer's state, as it is
+        net.blobs["x"].data[...] = 1.0
+        np.testing.assert_allclose(net.backward()["x"], -g + 1.0)
+        net.forward()
+        np.testing.assert_allclose(net.blobs["y"].data, -np.ones((2, 3)))
+        net.blobs["x"].data[...] = 2.0                            # written after the forward:
+        np.testing.assert_allclose(net.backward()["x"], -g + 2.0)  # backward reads it
+        assert layer.calls[2:] == ["forward", ("backward", [True])]
+    finally:
+        sys.modules.pop("cc_stateful", None)
+
+
+def test_cli_reports_a_python_layer_exception_as_the_users_error(raising_net):
+    """The command line prints the user's exception with its layer note (exit 1), not as an
+    internal error of caffe-compat."""
+    from click.testing import CliRunner
+
+    from caffe_compat.cli.main import main
+
+    path = raising_net("setup:ValueError")
+    r = CliRunner().invoke(main, ["inspect", str(path), "--allow-python-layers"])
+    assert r.exit_code == 1, r.output
+    assert "internal error" not in r.stderr and "Traceback" not in r.output
+    assert r.stderr.strip() == (f"error: ValueError: raised in setup (in Python layer 'boom' "
+                                f"(cc_raising.Raising.setup) defined at {path}:3)")

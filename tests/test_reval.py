@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from caffe_compat.cli.main import main
-from caffe_compat.config import cfg, temporary_cfg
-from caffe_compat.datasets.pascal_voc import pascal_voc
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.config import cfg, temporary_cfg
+from caffe_compat.frcnn.datasets.pascal_voc import pascal_voc
 from caffe_compat.frcnn.reval import read_detections, reval
 from caffe_compat.frcnn.test import apply_nms, load_detections, save_detections
 import test_frcnn_test as frcnn_tests

@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from caffe_compat import roidb as R
-from caffe_compat.config import ConfigError, default_cfg, temporary_cfg
-from caffe_compat.datasets import synthetic_voc
-from caffe_compat.datasets.imdb import save_proposals
-from caffe_compat.datasets.pascal_voc import pascal_voc
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn import roidb as R
+from caffe_compat.frcnn.config import ConfigError, default_cfg, temporary_cfg
+from caffe_compat.frcnn.datasets import synthetic_voc
+from caffe_compat.frcnn.datasets.imdb import save_proposals
+from caffe_compat.frcnn.datasets.pascal_voc import pascal_voc
 
 MEANS = np.array([[[102.9801, 115.9465, 122.7717]]])
 

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.config import temporary_cfg
 from caffe_compat.errors import DataError, GraphError, SchemaError, ShapeError
+from caffe_compat.frcnn.config import temporary_cfg
 from caffe_compat.layers.base import BuildContext
 from caffe_compat.layers.registry import resolve
 from caffe_compat.protos import caffe_pb2
-from caffe_compat.layers import roi_data, rpn  # noqa: F401  (registers the classes)
 from test_boxes import ref_anchors, ref_iou  # the independent box references
 
 AT = "rpn.anchor_target_layer.AnchorTargetLayer"
@@ -747,3 +746,145 @@ def test_layers_stay_on_cuda_and_match_cpu():
         assert gpu[0].device.type == "cuda"
         np.testing.assert_allclose(sort_rows(rows_of([o.cpu() for o in gpu])), sort_rows(rows_of(cpu)),
                                    rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- build-time config
+PROPOSAL_NET = """
+name: "proposals"
+layer { name: 'in' type: 'Input' top: 'prob' top: 'pred' top: 'im_info'
+  input_param { shape { dim: 1 dim: 12 dim: 4 dim: 5 } shape { dim: 1 dim: 24 dim: 4 dim: 5 }
+                shape { dim: 1 dim: 3 } } }
+layer { name: 'proposal' type: 'Python' bottom: 'prob' bottom: 'pred' bottom: 'im_info'
+  top: 'rois' top: 'scores' python_param { module: 'rpn.proposal_layer' layer: 'ProposalLayer'
+                 param_str: "'feat_stride': 16\\n'scales': [1, 2]" } }
+"""
+
+
+def _proposals(net):
+    prob, pred = prop_inputs(0, dtype=torch.float32)
+    out = net.forward(prob=torch.from_numpy(prob).float(), pred=torch.from_numpy(pred).float(),
+                      im_info=torch.tensor([[60.0, 75.0, 1.0]]))
+    return out["rois"]
+
+
+def test_two_nets_keep_their_own_config():
+    """The layers read cfg once, when the net is built: nets built with different configs
+    (through Net(..., context=) or the global cfg at build time) coexist, and changing the
+    global cfg afterwards changes neither."""
+    from caffe_compat.frcnn.config import CONTEXT_KEY, default_cfg
+    from caffe_compat.net import Net
+
+    mine = default_cfg()
+    mine.TEST.RPN_MIN_SIZE = 1
+    mine.TEST.RPN_POST_NMS_TOP_N = 5
+    a = Net(PROPOSAL_NET, phase="test", context={CONTEXT_KEY: mine})
+    with temporary_cfg({"TEST.RPN_MIN_SIZE": 1, "TEST.RPN_POST_NMS_TOP_N": 3}):
+        b = Net(PROPOSAL_NET, phase="test")               # legacy: the global cfg at build time
+    c = Net(PROPOSAL_NET, phase="test", context={CONTEXT_KEY: {"TEST": {"RPN_MIN_SIZE": 1,
+                                                                       "RPN_POST_NMS_TOP_N": 4}}})
+    mine.TEST.RPN_POST_NMS_TOP_N = 50                     # after building: no effect
+    with temporary_cfg({"TEST.RPN_MIN_SIZE": 1, "TEST.RPN_POST_NMS_TOP_N": 40}):
+        ra, rb, rc = _proposals(a), _proposals(b), _proposals(c)
+    assert (ra.shape[0], rb.shape[0], rc.shape[0]) == (5, 3, 4)
+    assert torch.equal(ra[:3], rb) and torch.equal(ra[:4], rc)   # same proposals, best first
+    assert a.layer("proposal").opts.post_nms_top_n == 5 and b.layer("proposal").opts.post_nms_top_n == 3
+
+
+def test_context_config_reaches_every_layer():
+    """AnchorTarget, ProposalTarget and RoIData read the context's config too."""
+    from caffe_compat.frcnn.config import CONTEXT_KEY
+    from caffe_compat.net import Net
+
+    text = """
+    layer { name: 'input-data' type: 'Python' top: 'data' top: 'im_info' top: 'gt_boxes'
+      python_param { module: 'roi_data_layer.layer' layer: 'RoIDataLayer' param_str: "'num_classes': 4" } }
+    layer { name: 'in' type: 'Input' top: 'prob' top: 'rpn_rois'
+      input_param { shape { dim: 1 dim: 12 dim: 4 dim: 5 } shape { dim: 1 dim: 5 } } }
+    layer { name: 'rpn-data' type: 'Python' bottom: 'prob' bottom: 'gt_boxes' bottom: 'im_info'
+      bottom: 'data' top: 'l' top: 't' top: 'iw' top: 'ow'
+      python_param { module: 'rpn.anchor_target_layer' layer: 'AnchorTargetLayer'
+                     param_str: "'feat_stride': 16\\n'scales': [1, 2]" } }
+    layer { name: 'roi-data' type: 'Python' bottom: 'rpn_rois' bottom: 'gt_boxes'
+      top: 'rois' top: 'labels' top: 'bt' top: 'bi' top: 'bo'
+      python_param { module: 'rpn.proposal_target_layer' layer: 'ProposalTargetLayer'
+                     param_str: "'num_classes': 4" } }
+    """
+    over = {"TRAIN": {"HAS_RPN": True, "IMS_PER_BATCH": 1, "SCALES": (320,), "MAX_SIZE": 500,
+                      "RPN_BATCHSIZE": 17, "BATCH_SIZE": 9, "ASPECT_GROUPING": False}}
+    net = Net(text, phase="train", context={CONTEXT_KEY: over})
+    assert net.blob_shapes["data"] == (1, 3, 320, 500)
+    assert net.layer("rpn-data").opts.batch_size == 17 and net.layer("roi-data").opts.batch_size == 9
+    rd = net.layer("input-data")
+    assert rd.ims_per_batch == 1 and rd.aspect_grouping is False
+
+
+def _config_reads(tree) -> list:
+    """(function name, line) of every read of a py-faster-rcnn config in a module's code:
+    ``cfg`` names/attributes and ``build_cfg`` calls."""
+    import ast
+
+    found = []
+
+    def visit(node, func):
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            if isinstance(child, ast.Name) and child.id in ("cfg", "build_cfg", "config"):
+                found.append((func, child.id, child.lineno))
+            if isinstance(child, ast.Attribute) and child.attr in ("cfg", "build_cfg"):
+                found.append((func, child.attr, child.lineno))
+            visit(child, name)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_no_layer_reads_the_global_config_at_run_time():
+    """The grep the issue asks for, on the syntax tree: no module of caffe_compat.layers
+    touches py-faster-rcnn's config at all, and py-faster-rcnn's layers read it only through
+    build_cfg in a constructor (never the global cfg, never in forward)."""
+    import ast
+    import pathlib
+
+    import caffe_compat.frcnn.layers as frcnn_layers
+    import caffe_compat.layers as core_layers
+
+    for path in sorted(pathlib.Path(core_layers.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m and "frcnn" in m], path
+        assert _config_reads(tree) == [], path
+    files = sorted(pathlib.Path(frcnn_layers.__file__).parent.glob("*.py"))
+    assert {p.name for p in files} >= {"rpn.py", "roi_data.py"}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "caffe_compat.frcnn.config":
+                assert "cfg" not in [a.name for a in node.names], path   # not the global object
+        reads = _config_reads(tree)
+        assert all(func == "__init__" and what == "build_cfg" for func, what, _ in reads), (path, reads)
+    assert sum(1 for p in files for r in _config_reads(ast.parse(p.read_text()))) >= 4   # one per layer
+
+
+def test_registry_loads_frcnn_only_for_its_layers():
+    """Building a plain net loads no py-faster-rcnn code; the first lookup of one of its
+    Python layers imports the provider (lazy), and the listing is complete."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from caffe_compat.layers import registry
+from caffe_compat.net import Net
+Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }'
+    'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }')
+assert not [m for m in sys.modules if m.startswith("caffe_compat.frcnn")], sys.modules
+cls = registry.lookup_python("rpn.proposal_layer.ProposalLayer")
+assert cls.__module__ == "caffe_compat.frcnn.layers.rpn", cls
+assert "caffe_compat.frcnn.layers" in sys.modules
+assert registry.lookup_python("nope.Nope") is None
+assert sorted(registry.PYTHON_PROVIDERS) == registry.registered_python_layers()
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from caffe_compat.errors import SolverError
-from caffe_compat.lr_policy import learning_rate
 from caffe_compat.protos import caffe_pb2
-from caffe_compat.solver import Solver, get_solver
+from caffe_compat.solver import Solver, get_solver, learning_rate
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "solver"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
@@ -242,6 +241,36 @@ def test_resume_is_bit_identical(body, tmp_path):
     e.step(6)
     assert any(not np.array_equal(pa[k], _params(e)[k]) for k in pa)
 
+
+def test_update_rules_are_registered_by_caffe_type_name(tmp_path):
+    """Caffe's SolverRegistry: one rule class per type name; a rule registered under a new
+    name trains a solver of that type inside the shared ApplyUpdate (rate, lr_mult, ...)."""
+    from caffe_compat.solver import SOLVER_TYPES, UPDATE_RULES, UpdateRule, register_update_rule
+
+    assert SOLVER_TYPES == ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+    assert [UPDATE_RULES[t].__name__ for t in SOLVER_TYPES] == list(SOLVER_TYPES)
+    assert [UPDATE_RULES[t].history_sets for t in SOLVER_TYPES] == [1, 1, 1, 1, 2, 2]
+
+    @register_update_rule("HalfSGD")
+    class HalfSGD(UpdateRule):
+        def compute_update_value(self, history, grad, local_rate, iteration):
+            return grad * (0.5 * local_rate)
+
+    try:
+        body = 'lr_policy: "fixed" base_lr: 0.1 max_iter: 1'
+        sgd = Solver(_solver_text(tmp_path, 'type: "SGD" ' + body), feed=lambda it: _batch(it))
+        half = Solver(_solver_text(tmp_path, 'type: "HalfSGD" ' + body), feed=lambda it: _batch(it))
+        assert isinstance(half.rule, HalfSGD) and len(half.history) == len(sgd.history)
+        before = _params(sgd)
+        sgd.step(1)
+        half.step(1)
+        after_sgd, after_half = _params(sgd), _params(half)
+        for k, w0 in before.items():
+            np.testing.assert_allclose(after_half[k] - w0, (after_sgd[k] - w0) * 0.5, rtol=1e-5, atol=1e-7)
+    finally:
+        del UPDATE_RULES["HalfSGD"]
+    with pytest.raises(SolverError, match="unknown solver type 'HalfSGD'"):
+        Solver(_solver_text(tmp_path, 'type: "HalfSGD" ' + body))
 
 def test_solverstate_format(tmp_path):
     text = _solver_text(tmp_path, 'type: "Adam" lr_policy: "fixed" base_lr: 0.01 max_iter: 2')

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from caffe_compat.datasets.voc_eval import (load_annotations, mean_ap, parse_rec, read_detections_file,
-                                            voc_ap, voc_eval)
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.datasets.voc_eval import (load_annotations, mean_ap, parse_rec, read_detections_file,
+                                                  voc_ap, voc_eval)
 
 
 def obj(box, name="cat", difficult=0):

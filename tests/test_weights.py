@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from caffe_compat import weights as W
+from caffe_compat.weights import caffemodel
 from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError, LimitError, ParseError, SchemaError, WeightsError
 from caffe_compat.net import Net
@@ -396,6 +397,16 @@ def test_fold_batchnorm_cli_equals_sums_over_factor(tmp_path):
     assert r.exit_code == 2 and "--fold-batchnorm applies to .pt/.safetensors" in r.output
 
 
+def test_one_table_names_the_format_of_every_weights_file():
+    """load, save and convert all read the format from W.FORMATS (Caffe: any *.h5 is HDF5,
+    any name no row claims is a binary caffemodel)."""
+    names = ["a.caffemodel", "a.caffemodel.h5", "x.h5", "a.safetensors", "a.pt", "a.pth", "weights.bin"]
+    assert [W.format_of(n).name for n in names] == ["caffemodel", "hdf5", "hdf5", "safetensors", "pt",
+                                                    "pt", "caffemodel"]
+    assert [f.name for f in W.FORMATS] == ["hdf5", "safetensors", "pt", "caffemodel"]
+    assert [f.name for f in W.FORMATS if f.read_state is None] == ["hdf5"]
+    assert [f.name for f in W.FORMATS if f.write_state is not None] == ["safetensors", "pt"]
+
 def test_convert_to_caffemodel_needs_model(tmp_path):
     st = tmp_path / "w.safetensors"
     tiny_net().save_weights(str(st))
@@ -457,7 +468,7 @@ def test_blob_limit_refuses_before_allocation_and_can_be_raised(tmp_path, monkey
         W.read_caffemodel(str(src))
     monkeypatch.setenv("CAFFE_COMPAT_MAX_BLOB_ELEMENTS", "320")
     W.read_caffemodel(str(src))
-    monkeypatch.setattr(W, "MAX_BLOB_ELEMENTS", 10)  # the old module-level knob still works
+    monkeypatch.setattr(caffemodel, "MAX_BLOB_ELEMENTS", 10)  # the module-level knob still works
     with pytest.raises(LimitError, match="over the limit of 10 "):
         W.read_caffemodel(str(src))
 

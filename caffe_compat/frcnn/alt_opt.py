@@ -41,11 +41,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from caffe_compat.config import ConfigError, cfg, get_output_dir, temporary_cfg
 from caffe_compat.errors import DataError
-from caffe_compat.frcnn.train import (FORMATS, TrainResult, load_solver_param, resolve_net_paths,
-                                      seed_everything, train_net)
+from caffe_compat.frcnn.config import ConfigError, cfg, get_output_dir, temporary_cfg
+from caffe_compat.frcnn.train import train_net
 from caffe_compat.protos import caffe_pb2
+from caffe_compat.trainer import (FORMATS, TrainResult, load_solver_param, resolve_net_paths,
+                                  seed_everything)
 
 __all__ = ["STAGES", "DEFAULT_ITERS", "find_stage_dir", "get_solvers", "parse_iters", "get_roidb",
            "train_rpn", "train_fast_rcnn", "rpn_generate", "imdb_proposals", "im_proposals",
@@ -172,8 +173,8 @@ def parse_iters(iters: Union[None, int, str, Sequence[int]] = None,
 
 def get_roidb(imdb_name: str, rpn_file: Optional[str] = None) -> Tuple[List[Dict[str, Any]], Any]:
     """``roidb, imdb`` with ``cfg.TRAIN.PROPOSAL_METHOD`` (and the proposals file, if any)."""
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.roidb import get_training_roidb
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.frcnn.roidb import get_training_roidb
 
     imdb = get_imdb(imdb_name)
     log.info("Loaded dataset `%s` for training", imdb.name)
@@ -255,7 +256,7 @@ def im_proposals(net: Any, im: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     the net's ``rois`` divided by the scale (and clipped to the image)."""
     import torch
 
-    from caffe_compat.roidb import im_list_to_blob, prep_im_for_blob
+    from caffe_compat.frcnn.roidb import im_list_to_blob, prep_im_for_blob
 
     if len(cfg.TEST.SCALES) != 1:
         raise ConfigError(f"proposal generation uses one scale; TEST.SCALES is {tuple(cfg.TEST.SCALES)}")
@@ -310,8 +311,8 @@ def rpn_generate(imdb_name: str, rpn_model_path: str, rpn_test_prototxt: str, *,
     """Write the RPN's proposals for every image of ``imdb_name``; returns the ``.npz`` path
     (``<output dir>/<filename>``, default ``<model name>_proposals.npz``; output dir default:
     ``get_output_dir(imdb)``)."""
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.datasets.imdb import save_proposals
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.frcnn.datasets.imdb import save_proposals
     from caffe_compat.net import Net
 
     with temporary_cfg():

@@ -8,7 +8,7 @@ evaluation (another DATA_DIR annotation fix, competition mode) or the NMS thresh
 
 py-faster-rcnn's own ``detections.pkl`` is read too when the folder has no ``.npz``, but
 never with a plain ``pickle.load``: an unpickler that only rebuilds numpy arrays and plain
-lists (as for its proposal pickles, :mod:`caffe_compat.datasets.imdb`) refuses any other
+lists (as for its proposal pickles, :mod:`caffe_compat.frcnn.datasets.imdb`) refuses any other
 object, so a crafted file cannot run code.
 
 Detections that do not fit the imdb (another class count, another image count, or the
@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffe_compat.datasets.imdb import _ArraysOnlyUnpickler
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.datasets.imdb import _ArraysOnlyUnpickler
 
 __all__ = ["DETECTION_FILES", "find_detections", "read_detections", "check_detections", "reval"]
 
@@ -134,7 +134,7 @@ def reval(output_dir: str, imdb: Any, *, nms: bool = False, nms_thresh: Optional
     evaluated) to what ``imdb.evaluate_detections`` returns, with ``mAP`` computed from
     the per-class APs where the imdb gives none.
     """
-    from caffe_compat.config import cfg
+    from caffe_compat.frcnn.config import cfg
     from caffe_compat.frcnn.test import apply_nms, evaluate
 
     emit = log_fn or (lambda s: None)

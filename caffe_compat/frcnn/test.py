@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.boxes import bbox_transform_inv, clip_boxes, nms
-from caffe_compat.config import ConfigError, cfg, get_output_dir
+from caffe_compat.boxes import nms
 from caffe_compat.errors import DataError, GraphError, ShapeError
+from caffe_compat.frcnn.boxes import bbox_transform_inv, clip_boxes
+from caffe_compat.frcnn.config import ConfigError, cfg, get_output_dir
 
 __all__ = [
     "Timer", "im_detect", "test_net", "apply_nms", "detections_per_class", "limit_per_image",
@@ -112,7 +113,7 @@ def _get_image_blob(im: np.ndarray, config: Any = None) -> Tuple[np.ndarray, np.
     Host-side with OpenCV, as the original: bilinear resizing is where a torch port
     would silently change the pixels a trained model sees.
     """
-    from caffe_compat.roidb import im_list_to_blob, prep_im_for_blob
+    from caffe_compat.frcnn.roidb import im_list_to_blob, prep_im_for_blob
 
     c = cfg if config is None else config
     if im is None or np.ndim(im) != 3 or np.shape(im)[2] != 3:

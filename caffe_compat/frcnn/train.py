@@ -9,10 +9,10 @@ The pipeline is the original's::
 
 ``train_net`` drops roidb entries without usable RoIs, computes the bounding-box
 regression targets and their means/stds (``cfg.TRAIN.BBOX_REG``), builds a
-:class:`~caffe_compat.solver.Solver` from the solver prototxt (net paths relative to the
+:class:`FrcnnSolver` from the solver prototxt (net paths relative to the
 current directory, as in Caffe), copies the pretrained weights in (layers absent from
 the file keep their fillers: fine-tuning), and feeds the roidb to the train net's
-``RoIDataLayer`` through a :class:`~caffe_compat.roidb.MinibatchLoader`.
+``RoIDataLayer`` through a :class:`~caffe_compat.frcnn.roidb.MinibatchLoader`.
 
 Snapshots are py-faster-rcnn's: every ``cfg.TRAIN.SNAPSHOT_ITERS`` iterations and at the
 end, ``<output dir>/<snapshot_prefix>[_<SNAPSHOT_INFIX>]_iter_<N>.caffemodel`` (and/or
@@ -25,70 +25,34 @@ loader's position and the *normalized* ``bbox_pred``), so ``resume=`` continues 
 exactly as if it had not stopped.
 
 SIGINT (Ctrl-C) and SIGTERM during training write a snapshot of the iteration in progress
-and stop cleanly (a second signal aborts at once).
-
-Nets without a ``RoIDataLayer`` (plain Caffe nets with their own data layers) are trained
-by :func:`train_plain`, which is ``caffe train``: the solver's own ``max_iter``,
-``snapshot`` interval and ``snapshot_prefix``.
+and stop cleanly (a second signal aborts at once).  All of that is the generic trainer's
+(:mod:`caffe_compat.trainer`, which also trains nets without a ``RoIDataLayer``, as
+``caffe train`` does); this module adds py-faster-rcnn's data and ``bbox_pred`` handling.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import signal
-import struct
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from caffe_compat.config import ConfigError, cfg
 from caffe_compat.errors import SolverError
-from caffe_compat.frcnn.progress import TrainingMonitor
+from caffe_compat.frcnn.config import ConfigError, cfg
+from caffe_compat.frcnn.layers import RoIDataLayer
+from caffe_compat.layers import registry
 from caffe_compat.protos import caffe_pb2
-from caffe_compat.solver import SnapshotInfo, Solver
+from caffe_compat.trainer import (SolverSource, TrainResult, TrainSolver, load_solver_param,
+                                  run_training, train_net_param)
 
 __all__ = [
-    "FORMATS", "parse_formats", "unnormalize_bbox_params", "normalize_bbox_params",
-    "find_roi_data_layer", "net_uses_roidb", "load_solver_param", "resolve_net_paths",
-    "TrainSolver", "SolverWrapper", "TrainResult", "train_net", "train_plain",
-    "combined_roidb", "stop_on_signals", "resolve_device", "seed_everything",
+    "unnormalize_bbox_params", "normalize_bbox_params", "find_roi_data_layer", "net_uses_roidb",
+    "FrcnnSolver", "SolverWrapper", "train_net", "combined_roidb",
 ]
 
 log = logging.getLogger("caffe_compat.train")
-
-#: snapshot formats and their file extensions
-FORMATS: Dict[str, str] = {"caffemodel": ".caffemodel", "safetensors": ".safetensors"}
-
-SolverSource = Union[str, "os.PathLike[str]", "caffe_pb2.SolverParameter"]
-
-
-def parse_formats(fmt: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """``"caffemodel"``, ``"safetensors"``, ``"both"`` or a list of them -> a tuple of formats.
-
-    The first format is the one a snapshot's ``.solverstate`` points at.
-    """
-    items = [fmt] if isinstance(fmt, str) else list(fmt)
-    out: List[str] = []
-    for item in items:
-        for f in str(item).split(","):
-            f = f.strip().lower()
-            if not f:
-                continue
-            names = list(FORMATS) if f == "both" else [f]
-            for n in names:
-                if n not in FORMATS:
-                    raise ConfigError(f"unknown snapshot format '{f}'; allowed: caffemodel, "
-                                      "safetensors, both")
-                if n not in out:
-                    out.append(n)
-    if not out:
-        raise ConfigError("no snapshot format given; allowed: caffemodel, safetensors, both")
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------- bbox_pred
@@ -144,37 +108,17 @@ def _bbox_pred_blobs(net) -> Optional[List[torch.Tensor]]:
 # ---------------------------------------------------------------------------- nets, solvers
 def find_roi_data_layer(net) -> Optional[Any]:
     """The net's ``RoIDataLayer`` module (py-faster-rcnn's 'input-data'/'data' layer), if any."""
-    from caffe_compat.layers.roi_data import RoIDataLayer
-
     for e in net.entries:
         if isinstance(e.module, RoIDataLayer):
             return e.module
     return None
 
 
-def _train_net_param(param: "caffe_pb2.SolverParameter") -> Optional["caffe_pb2.NetParameter"]:
-    from caffe_compat.io import read_net_text
-
-    for f in ("train_net_param", "net_param"):
-        if param.HasField(f):
-            return getattr(param, f)
-    for f in ("train_net", "net"):
-        if param.HasField(f):
-            path = getattr(param, f)
-            if os.path.exists(path):
-                return read_net_text(path)
-    return None
-
-
 def net_uses_roidb(param: "caffe_pb2.SolverParameter") -> bool:
     """Whether the solver's train net reads py-faster-rcnn's roidb (has a RoIDataLayer)."""
-    from caffe_compat.layers import registry
-
-    net = _train_net_param(param)
+    net = train_net_param(param)
     if net is None:
         return False
-    from caffe_compat.layers.roi_data import RoIDataLayer
-
     for lp in net.layer:
         if lp.type != "Python":
             continue
@@ -187,129 +131,20 @@ def net_uses_roidb(param: "caffe_pb2.SolverParameter") -> bool:
     return False
 
 
-def load_solver_param(solver: SolverSource) -> "caffe_pb2.SolverParameter":
-    """Read and upgrade a solver definition as :class:`Solver` does (a copy, so callers
-    may change it: the default ``snapshot_prefix`` is the solver file's name)."""
-    p = Solver._read_param(solver)
-    out = caffe_pb2.SolverParameter()
-    out.CopyFrom(p)
-    return out
+class FrcnnSolver(TrainSolver):
+    """The :class:`~caffe_compat.trainer.TrainSolver` of py-faster-rcnn's training.
 
-
-def resolve_net_paths(param: "caffe_pb2.SolverParameter", search_dirs: Sequence[str]) -> List[str]:
-    """Make the solver's net paths that do not exist relative to the current directory
-    point into ``search_dirs`` (same relative path, else same file name).  Returns notes."""
-    notes: List[str] = []
-
-    def fix(path: str) -> str:
-        if os.path.exists(path):
-            return path
-        for d in search_dirs:
-            for cand in (os.path.join(d, path), os.path.join(d, os.path.basename(path))):
-                if os.path.exists(cand):
-                    notes.append(f"net file '{path}' not found from {os.getcwd()}: using {cand}")
-                    return os.path.abspath(cand)
-        return path
-
-    for f in ("train_net", "net"):
-        if param.HasField(f):
-            setattr(param, f, fix(getattr(param, f)))
-    for i, t in enumerate(list(param.test_net)):
-        param.test_net[i] = fix(t)
-    return notes
-
-
-def resolve_device(gpu: Optional[int]) -> Optional[str]:
-    """``--gpu ID`` -> ``"cuda:ID"`` (None or a negative id: the CPU)."""
-    if gpu is None or int(gpu) < 0:
-        return None
-    if not torch.cuda.is_available():
-        raise SolverError(f"--gpu {gpu}: no CUDA device is available here "
-                          "(torch.cuda.is_available() is False); leave --gpu out to train on the CPU")
-    n = torch.cuda.device_count()
-    if int(gpu) >= n:
-        raise SolverError(f"--gpu {gpu}: there {'is' if n == 1 else 'are'} only {n} CUDA "
-                          f"device{'s' if n != 1 else ''} (ids 0..{n - 1})")
-    return f"cuda:{int(gpu)}"
-
-
-def seed_everything(seed: int) -> None:
-    """The original's ``np.random.seed(cfg.RNG_SEED); caffe.set_random_seed(cfg.RNG_SEED)``."""
-    np.random.seed(int(seed) % (2 ** 32))
-    torch.manual_seed(int(seed))
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
-def _read_frcnn_extras(path: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
-    """The ``frcnn.*`` tensors and the ``frcnn`` metadata of a caffe-compat ``.solverstate``
-    (None for Caffe's binaryproto states).  Reads only those entries, not the history."""
-    from safetensors import safe_open
-
-    from caffe_compat.solver import STATE_FORMAT
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > os.path.getsize(path) - 8 or n < 2:
-                return None
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        return None
-    tensors: Dict[str, torch.Tensor] = {}
-    keys = [k for k in header if k.startswith("frcnn.")]
-    if keys:
-        with safe_open(path, framework="pt") as st:
-            for k in keys:
-                tensors[k] = st.get_tensor(k)
-    return tensors, json.loads(meta.get("frcnn", "{}") or "{}")
-
-
-class TrainSolver(Solver):
-    """A :class:`Solver` whose snapshots are written the way py-faster-rcnn's tools write them.
-
-    * names: ``<output_dir>/<basename(snapshot_prefix)>[_<infix>]_iter_<N><ext>`` (with
-      ``output_dir=None``: Caffe's ``<snapshot_prefix>_iter_<N><ext>``);
-    * ``formats``: ``caffemodel`` and/or ``safetensors`` weights, plus a ``.solverstate``
-      (unless ``save_state=False``);
-    * with ``bbox_means``/``bbox_stds`` set, the saved ``bbox_pred`` is un-normalized
-      (the training net is restored bit for bit afterwards);
-    * the ``.solverstate`` also keeps the exact training ``bbox_pred``, the minibatch
-      loader's state and the loss history, which :meth:`restore` puts back.
+    * with ``bbox_means``/``bbox_stds`` set (:meth:`set_bbox_stats`), the saved ``bbox_pred``
+      is un-normalized (the training net is restored bit for bit afterwards);
+    * the ``.solverstate`` also keeps the exact training ``bbox_pred``, which :meth:`restore`
+      puts back (besides the minibatch loader's state and the loss history);
+    * ``snapshot_format: HDF5`` is refused for nets that read a roidb.
     """
 
-    def __init__(self, solver: SolverSource, *, output_dir: Optional[str] = None, infix: str = "",
-                 formats: Sequence[str] = ("caffemodel",), save_state: bool = True, **kw: Any) -> None:
+    def __init__(self, solver: SolverSource, **kw: Any) -> None:
         super().__init__(solver, **kw)
-        self.output_dir = None if output_dir is None else os.path.abspath(output_dir)
-        self.infix = str(infix or "")
-        self.formats = parse_formats(formats)
-        #: write a .solverstate with every snapshot (needed to resume)
-        self.save_state = bool(save_state)
         self.bbox_means: Optional[np.ndarray] = None
         self.bbox_stds: Optional[np.ndarray] = None
-        self.loader: Optional[Any] = None
-        self.monitor: Optional[TrainingMonitor] = None
-        #: first-format model file of every snapshot written, in order
-        self.snapshot_paths: List[str] = []
 
     def _check_param(self) -> None:
         """Also refuse ``snapshot_format: HDF5`` for Faster R-CNN training: its snapshots are
@@ -323,19 +158,6 @@ class TrainSolver(Solver):
                               "the solver, or train with caffe_compat.solver.Solver or pycaffe's "
                               "SGDSolver, which write Caffe's HDF5 snapshots")
         super()._check_param()
-
-    # ------------------------------------------------------------------ names
-    @property
-    def prefix(self) -> str:
-        """The snapshot path up to ``_iter_N`` (prefix and infix, in the output dir)."""
-        infix = "_" + self.infix if self.infix else ""
-        p = self.param.snapshot_prefix
-        if self.output_dir is not None:
-            return os.path.join(self.output_dir, os.path.basename(p) + infix)
-        return p + infix
-
-    def snapshot_filename(self, extension: str) -> str:
-        return f"{self.prefix}_iter_{self.iter}{extension}"
 
     # ------------------------------------------------------------------ bbox_pred
     def set_bbox_stats(self, means: Any, stds: Any) -> bool:
@@ -373,68 +195,20 @@ class TrainSolver(Solver):
                 for t, s in zip(blobs, saved):
                     t.copy_(s)
 
-    # ------------------------------------------------------------------ snapshots
-    def snapshot(self) -> Tuple[str, str]:
-        """Write the weights in every format (un-normalized ``bbox_pred``) and a .solverstate
-        (``snapshot_format: HDF5``, plain nets only: Caffe's .caffemodel.h5 and .solverstate.h5)."""
-        if self._hdf5_snapshots:
-            model, state = super().snapshot()
-            self.snapshot_paths.append(model)
-            return model, state
-        base = self.snapshot_filename("")
-        folder = os.path.dirname(os.path.abspath(base))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise SolverError(f"cannot create the snapshot folder {folder}: {e}") from None
-        models: List[str] = []
-        with self.deploy_weights():
-            for fmt in self.formats:
-                path = base + FORMATS[fmt]
-                log.info("Snapshotting to %s file %s", "binary proto" if fmt == "caffemodel" else fmt,
-                         path)
-                try:
-                    self.net.save_weights(path)
-                except OSError as e:
-                    raise SolverError(f"cannot write snapshot {path}: {e}") from None
-                models.append(path)
-        state = base + ".solverstate"
-        if self.save_state:
-            log.info("Snapshotting solver state to binary proto file %s", state)
-            self._write_state(state, models[0])
-        log.info("Wrote snapshot to: %s", models[0])
-        self._last_snapshot_iter = self.iter
-        self.snapshot_paths.append(models[0])
-        info = SnapshotInfo(self.iter, models[0], state)
-        for cb in self._callbacks["snapshot"]:
-            cb(self, info)
-        return models[0], state
-
-    def _extra_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-        """``frcnn.*`` entries of the ``.solverstate``: the training ``bbox_pred``, the loss
-        history and, in the metadata, the minibatch loader's state."""
-        tensors: Dict[str, torch.Tensor] = {}
-        extra: Dict[str, Any] = {}
+    def _state_entries(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """Also the training (normalized) ``bbox_pred``: ``frcnn.bbox_pred.<i>``."""
+        tensors, extra = super()._state_entries()
         blobs = _bbox_pred_blobs(self.net) if self.bbox_stds is not None else None
         if blobs:
             for i, b in enumerate(blobs):
                 tensors[f"frcnn.bbox_pred.{i}"] = b.detach().cpu().contiguous()
             extra["bbox_pred_normalized"] = True
-        if self.loader is not None and hasattr(self.loader, "state_dict"):
-            extra["loader"] = _jsonable(self.loader.state_dict())
-        if self.monitor is not None and self.monitor.history:
-            tensors["frcnn.history"] = torch.tensor(self.monitor.history, dtype=torch.float64)
-        return tensors, {"frcnn": json.dumps(extra)}
+        return tensors, extra
 
-    def restore(self, state_path: str) -> None:
-        """Restore a snapshot, including the normalized ``bbox_pred``, the loader position
-        and the loss history when the state has them."""
-        super().restore(state_path)
-        self._last_snapshot_iter = self.iter
-        got = _read_frcnn_extras(os.fspath(state_path))
-        if got is None:
-            return
-        tensors, meta = got
+    def _restore_entries(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any],
+                         state_path: str) -> None:
+        """Also the normalized ``bbox_pred`` (re-normalized from the weights file when the
+        state lacks it)."""
         blobs = _bbox_pred_blobs(self.net) if self.bbox_stds is not None else None
         if blobs:
             if meta.get("bbox_pred_normalized") and "frcnn.bbox_pred.0" in tensors:
@@ -451,62 +225,16 @@ class TrainSolver(Solver):
                     blobs[0].copy_(w)
                     if b is not None:
                         blobs[1].copy_(b)
-        if self.loader is not None and "loader" in meta and hasattr(self.loader, "load_state_dict"):
-            st = dict(meta["loader"])
-            st["perm"] = np.asarray(st.get("perm", []), dtype=np.int64)
-            self.loader.load_state_dict(st)
-        if self.monitor is not None and "frcnn.history" in tensors:
-            self.monitor.load_history(tensors["frcnn.history"].tolist())
-
-
-# ---------------------------------------------------------------------------- signals
-@dataclass
-class _SignalState:
-    signal: Optional[int] = None
-
-    @property
-    def name(self) -> Optional[str]:
-        return None if self.signal is None else signal.Signals(self.signal).name
-
-
-@contextlib.contextmanager
-def stop_on_signals(solver: Solver, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
-                    ) -> Iterator[_SignalState]:
-    """While inside: the first SIGINT/SIGTERM makes ``solver`` snapshot and stop after the
-    current iteration (``request_stop(snapshot=True)``); a second one aborts at once
-    (``KeyboardInterrupt``).  Previous handlers come back on exit.  Outside the main
-    thread (where Python cannot install handlers) it does nothing."""
-    state = _SignalState()
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if state.signal is not None:
-            raise KeyboardInterrupt
-        state.signal = signum
-        log.warning("%s received: finishing iteration %d, then writing a snapshot and stopping "
-                    "(send it again to abort without a snapshot)", signal.Signals(signum).name,
-                    solver.iter + 1)
-        solver.request_stop(snapshot=True)
-
-    old = {}
-    try:
-        for s in signals:
-            old[s] = signal.signal(s, handler)
-        yield state
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        super()._restore_entries(tensors, meta, state_path)
 
 
 # ---------------------------------------------------------------------------- roidb
 def combined_roidb(imdb_names: str) -> Tuple[Any, List[Dict[str, Any]]]:
     """``imdb, roidb`` for ``"name"`` or ``"name1+name2"`` (py-faster-rcnn's ``combined_roidb``):
     each set gets ``cfg.TRAIN.PROPOSAL_METHOD`` and flipped copies (``TRAIN.USE_FLIPPED``)."""
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.datasets.imdb import imdb as imdb_cls
-    from caffe_compat.roidb import get_training_roidb
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.frcnn.datasets.imdb import imdb as imdb_cls
+    from caffe_compat.frcnn.roidb import get_training_roidb
 
     def get_roidb(name: str) -> Tuple[Any, List[Dict[str, Any]]]:
         imdb = get_imdb(name)
@@ -524,25 +252,6 @@ def combined_roidb(imdb_names: str) -> Tuple[Any, List[Dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    model_paths: List[str]                 # every snapshot's first-format weights, in order
-    iterations: int                        # iterations done (the solver's iter at the end)
-    output_dir: str
-    interrupted: bool = False              # stopped early (signal or request_stop)
-    signal: Optional[str] = None           # "SIGINT"/"SIGTERM" when a signal stopped it
-    loss_curve: Optional[str] = None       # PNG
-    loss_csv: Optional[str] = None
-    history: List[Tuple[int, float, float, float]] = field(default_factory=list)
-    solver: Optional[Any] = None           # the TrainSolver (its net holds the training weights)
-
-    @property
-    def final_model(self) -> Optional[str]:
-        return self.model_paths[-1] if self.model_paths else None
-
-
 class SolverWrapper:
     """py-faster-rcnn's ``SolverWrapper``: a solver whose train net reads ``roidb``.
 
@@ -557,7 +266,7 @@ class SolverWrapper:
                  pretrained_model: Optional[str] = None, *, device: Any = None,
                  formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
                  seed: Optional[int] = None, save_state: bool = True) -> None:
-        from caffe_compat.roidb import MinibatchLoader, add_bbox_regression_targets
+        from caffe_compat.frcnn.roidb import MinibatchLoader, add_bbox_regression_targets
 
         self.output_dir = output_dir
         T = cfg.TRAIN
@@ -578,7 +287,7 @@ class SolverWrapper:
             param.random_seed = int(cfg.RNG_SEED)
         if pretrained_model is not None:
             log.info("Loading pretrained model weights from %s", pretrained_model)
-        self.solver = TrainSolver(param, output_dir=output_dir, infix=T.SNAPSHOT_INFIX,
+        self.solver = FrcnnSolver(param, output_dir=output_dir, infix=T.SNAPSHOT_INFIX,
                                   formats=formats, save_state=save_state, device=device,
                                   weights=pretrained_model)
         self.solver_param = self.solver.param
@@ -587,7 +296,8 @@ class SolverWrapper:
         if layer is None:
             raise SolverError("the train net has no RoIDataLayer (python_param { module: "
                               "'roi_data_layer.layer' layer: 'RoIDataLayer' }) to feed the roidb to; "
-                              "train nets with their own data layers with train_plain")
+                              "train nets with their own data layers with "
+                              "caffe_compat.trainer.train_plain")
         self.data_layer = layer
         if randomize:
             loader_seed = int.from_bytes(os.urandom(4), "little")
@@ -619,7 +329,7 @@ class SolverWrapper:
         s = self.solver
         every = int(cfg.TRAIN.SNAPSHOT_ITERS)
 
-        def periodic(solver: TrainSolver, info: Any) -> None:
+        def periodic(solver: FrcnnSolver, info: Any) -> None:
             if every > 0 and solver.iter % every == 0:
                 solver.request_snapshot()
 
@@ -633,21 +343,6 @@ class SolverWrapper:
             s.snapshot()
         log.info("done solving")
         return list(s.snapshot_paths)
-
-
-def _finish_outputs(monitor: TrainingMonitor, folder: str, stem: str, title: str
-                    ) -> Tuple[Optional[str], Optional[str]]:
-    if not monitor.history:
-        return None, None
-    png = os.path.join(folder, stem + "_loss.png")
-    csv_path = os.path.join(folder, stem + "_loss.csv")
-    try:
-        monitor.write_outputs(png, csv_path, title=title)
-    except Exception as e:  # a plot must never cost the trained model
-        log.warning("could not write the loss curve: %s", e)
-        return None, None
-    log.info("Loss curve: %s", png)
-    return png, csv_path
 
 
 def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output_dir: str,
@@ -664,61 +359,16 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
     stderr).  Writes ``<prefix>[_<infix>]_loss.png`` and ``_loss.csv`` in ``output_dir``.
     Returns a :class:`TrainResult` (``.model_paths`` is what the original returned).
     """
-    from caffe_compat.roidb import filter_roidb
+    from caffe_compat.frcnn.roidb import filter_roidb
 
     os.makedirs(output_dir, exist_ok=True)
     roidb = filter_roidb(roidb)
     sw = SolverWrapper(solver_prototxt, roidb, output_dir, pretrained_model, device=device,
                        formats=formats, randomize=randomize, seed=seed, save_state=save_state)
     s = sw.solver
-    monitor = TrainingMonitor(int(max_iters), stream=progress_stream, enabled=progress)
-    s.monitor = monitor
-    monitor.attach(s)
-    if resume:
-        log.info("Restoring previous solver status from %s", resume)
-        s.restore(resume)
-    monitor.start = s.iter
-    stem = os.path.basename(s.prefix)
-    sig = _SignalState()
-    try:
-        with (stop_on_signals(s) if handle_signals else contextlib.nullcontext(_SignalState())) as sig:
-            paths = sw.train_model(int(max_iters))
-    finally:
-        monitor.close()
-        png, csv_path = _finish_outputs(monitor, output_dir, stem, f"{stem}: training loss")
-    return TrainResult(model_paths=paths, iterations=s.iter, output_dir=output_dir,
-                       interrupted=bool(s.requested_early_exit), signal=sig.name,
-                       loss_curve=png, loss_csv=csv_path, history=list(monitor.history), solver=s)
+    return run_training(s, lambda: sw.train_model(int(max_iters)), max_iter=int(max_iters),
+                        folder=output_dir, stem=os.path.basename(s.prefix), resume=resume,
+                        progress=progress, progress_stream=progress_stream,
+                        handle_signals=handle_signals)
 
 
-def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: Optional[str] = None,
-                max_iter: Optional[int] = None, device: Any = None,
-                formats: Sequence[str] = ("caffemodel",), output_dir: Optional[str] = None,
-                progress: bool = True, progress_stream: Any = None,
-                handle_signals: bool = True) -> TrainResult:
-    """``caffe train``: run the solver (its nets read their own data layers) to ``max_iter``
-    (the solver's unless given), snapshotting as the solver says
-    (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given)."""
-    param = load_solver_param(solver)
-    if max_iter is not None:
-        param.max_iter = int(max_iter)
-    s = TrainSolver(param, output_dir=output_dir, formats=formats, device=device, weights=weights)
-    monitor = TrainingMonitor(int(s.param.max_iter), stream=progress_stream, enabled=progress)
-    s.monitor = monitor
-    monitor.attach(s)
-    if resume:
-        log.info("Restoring previous solver status from %s", resume)
-        s.restore(resume)
-    monitor.start = s.iter
-    folder = output_dir or os.path.dirname(os.path.abspath(s.prefix))
-    stem = os.path.basename(s.prefix) or "train"
-    sig = _SignalState()
-    try:
-        with (stop_on_signals(s) if handle_signals else contextlib.nullcontext(_SignalState())) as sig:
-            s.solve()
-    finally:
-        monitor.close()
-        png, csv_path = _finish_outputs(monitor, folder, stem, f"{stem}: training loss")
-    return TrainResult(model_paths=list(s.snapshot_paths), iterations=s.iter, output_dir=folder,
-                       interrupted=bool(s.requested_early_exit), signal=sig.name,
-                       loss_curve=png, loss_csv=csv_path, history=list(monitor.history), solver=s)

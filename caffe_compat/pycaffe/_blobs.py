@@ -115,6 +115,13 @@ class NetBlob(Blob):
         self._pend[k] = None
         (self._data if k == 0 else self._diff).fill(value)
 
+    def _current(self, k: int) -> "Tuple[Optional[Tensor], Optional[np.ndarray]]":
+        """Where the current value is: a pending tensor, or else the numpy array."""
+        p = self._pend[k]
+        if p is not None:
+            return p, None
+        return None, (self._data if k == 0 else self._diff)
+
     def _tensor(self, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """The current contents as a tensor the net may keep (never aliasing the numpy array)."""
         p = self._pend[k]
@@ -173,6 +180,12 @@ class SplitTopBlob(NetBlob):
             NetBlob._fill(self, 1, value)
         else:
             self._src._fill(0, value)
+
+    def _current(self, k: int) -> "Tuple[Optional[Tensor], Optional[np.ndarray]]":
+        if k == 0:
+            return self._src._current(0)
+        self._match()
+        return NetBlob._current(self, 1)
 
     def _tensor(self, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         if k == 0:

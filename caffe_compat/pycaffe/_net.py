@@ -1,94 +1,40 @@
-"""pycaffe's ``caffe.Net``: a stateful, Caffe-shaped view of a :class:`caffe_compat.net.Net`.
+"""pycaffe's ``caffe.Net``: Caffe's Python API over a :class:`caffe_compat.net.Net`.
 
-The torch net (the "core") owns the layers and their parameters.  This view adds what
-pycaffe scripts rely on and a functional torch module does not have:
+The core net does the work: Caffe's graph with its split layers and Net::Init's
+need-backward analysis (``core.caffe_steps``), ``ForwardFromTo``/``BackwardFromTo`` layer
+by layer on the data and diffs its blobs hold (``core.blobs``, ``core.diffs``), backward
+without a forward first.  This view only maps pycaffe's API onto it:
 
-- **Caffe's graph**: split layers are inserted where a blob feeds several consumers (or
-  feeds one and is also a loss), with Caffe's names (``<blob>_<layer>_<i>_split`` and
-  tops ``..._split_<k>``), so ``net.blobs``, ``net.layers``, ``net._layer_names``,
-  ``top_names``/``bottom_names``, ``inputs`` and ``outputs`` list exactly what Caffe's
-  would, in Caffe's order.
-- **Blob state**: every blob keeps its data and diff between calls (numpy views the script
-  may write into); ``forward`` reads the input blobs as the script left them.
-- **Layer-by-layer execution**, as ``Net::ForwardFromTo`` / ``BackwardFromTo``: each layer
-  runs on detached copies of its bottoms, so ``forward(start=, end=)`` and
-  ``backward(start=, end=)`` work on any range, and ``backward`` takes the *current*
-  top diffs (given diffs, or the loss weight Caffe stores in a loss top's diff) and
-  writes bottom diffs (overwritten) and parameter diffs (accumulated, cleared only by
-  ``clear_param_diffs`` or a solver step), exactly where Caffe's need-backward analysis
-  (loss reachability, ``propagate_down``, ``lr_mult: 0``, ``force_backward`` and each
-  layer type's ``AllowForceBackward``) says Caffe would.
+- ``net.blobs``: one :class:`~caffe_compat.pycaffe._blobs.NetBlob` per Caffe blob (a split
+  top's data is its source's), whose ``data``/``diff`` are numpy arrays a script may hold
+  and write into.  What the script wrote goes to the core before each run (``_push``), the
+  core's results come back after it (``_pull``).
+- ``net.params``, ``net.layers``, ``_layer_names``, ``top_names``/``bottom_names``,
+  ``inputs``/``outputs``, ``blob_loss_weights``: read off the core's steps, in Caffe's order.
+- ``forward``/``backward`` (pycaffe.py's argument handling), ``_forward``/``_backward``
+  (_caffe.cpp's), ``forward_all``/``forward_backward_all``, ``reshape``, net surgery
+  (``copy_from``, ``share_with``, ``save``...), ``set_input_arrays`` (MemoryData).
 
 Nets are built with Python layers allowed: a script that builds a net is already running
 the user's code, as pycaffe does.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from itertools import zip_longest
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from caffe_compat.insert_splits import Step
 from caffe_compat.pycaffe import _mode
 from caffe_compat.pycaffe._blobs import NetBlob, SplitTopBlob, param_blobs, upload_dirty
 from caffe_compat.pycaffe.layer import BlobVec, Phase
 
 __all__ = ["Net"]
-
-# Caffe's AllowForceBackward(bottom_index) overrides: LossLayer refuses its label bottom (1)
-_NO_FORCE_LABEL = {"SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "InfogainLoss",
-                   "MultinomialLogisticLoss", "HingeLoss", "MultiBoxLoss", "RNN", "LSTM"}
-
-
-def _allow_force_backward(layer_type: str, bottom_index: int) -> bool:
-    if layer_type in _NO_FORCE_LABEL:
-        return bottom_index != 1
-    if layer_type == "ContrastiveLoss":
-        return bottom_index != 2
-    return True
-
-
-def split_layer_name(layer: str, blob: str, index: int) -> str:
-    """Caffe's name of the split layer after ``layer``'s top ``index`` named ``blob``."""
-    return f"{blob}_{layer}_{index}_split"
-
-
-def split_blob_name(layer: str, blob: str, index: int, k: int) -> str:
-    """Caffe's name of that split layer's ``k``-th top."""
-    return f"{blob}_{layer}_{index}_split_{k}"
-
-
-@dataclass
-class _Step:
-    """One layer of Caffe's (split-augmented) net."""
-
-    name: str
-    type: str
-    module: Optional[nn.Module]
-    bottoms: List[str]
-    tops: List[str]
-    loss: List[float]
-    lp: Any = None                      # LayerParameter (None for splits)
-    unbuilt: str = ""
-    need_backward: bool = False
-    bottom_need: List[bool] = field(default_factory=list)
-    param_prop: List[bool] = field(default_factory=list)
-
-    @property
-    def kind(self) -> str:
-        if self.type == "Split" and self.lp is None:
-            return "split"
-        if self.type == "Input":
-            return "input"
-        if self.type == "MemoryData":
-            return "memory"
-        return "layer"
 
 
 class LayerView:
@@ -96,7 +42,7 @@ class LayerView:
     (and native stand-ins such as RoIDataLayer) every other attribute of the layer object,
     so ``net.layers[0].set_roidb(roidb)`` reaches it."""
 
-    def __init__(self, step: _Step, blobs: BlobVec):
+    def __init__(self, step: Step, blobs: BlobVec):
         impl = getattr(step.module, "impl", None) if step.type == "Python" else None
         object.__setattr__(self, "_step", step)
         object.__setattr__(self, "_blobs", blobs)
@@ -112,7 +58,7 @@ class LayerView:
 
     def set_roidb(self, roidb, *args, **kwargs):
         """py-faster-rcnn's ``RoIDataLayer.set_roidb(roidb)``; the native layer also needs the
-        minibatch builder, which defaults to :func:`caffe_compat.roidb.get_minibatch`."""
+        minibatch builder, which defaults to :func:`caffe_compat.frcnn.roidb.get_minibatch`."""
         target = self._target
         fn = getattr(target, "set_roidb", None)
         if fn is None:
@@ -125,7 +71,7 @@ class LayerView:
             except (TypeError, ValueError):
                 needs = False
             if needs:
-                from caffe_compat.roidb import get_minibatch
+                from caffe_compat.frcnn.roidb import get_minibatch
 
                 args = (get_minibatch,)
         return fn(roidb, *args, **kwargs)
@@ -213,31 +159,19 @@ class Net:
     def _attach(self, core) -> None:
         self._core = core
         self._placed = core.device
-        self._last_loss = 0.0
-        self._records: Dict[int, Tuple[List[Tensor], Tuple[Tensor, ...]]] = {}
         self._memory: Optional[Dict[str, Any]] = None
-        self._steps = self._build_steps(core)
-        self._analyse_backward(bool(core.net_param.force_backward))
+        self._steps: List[Step] = core.caffe_steps  # refuses what Caffe's InsertSplits refuses
         names: List[str] = []
         blobs: Dict[str, NetBlob] = {}
-        shapes = dict(core.blob_shapes)
         for s in self._steps:
             for j, t in enumerate(s.tops):
-                if j < len(s.bottoms) and s.bottoms[j] == t:
-                    continue  # in place
-                if t in blobs:
-                    # e.g. an in-place layer on a blob that another layer also reads: the
-                    # split renames its bottom, and Caffe refuses the net
-                    from caffe_compat.errors import GraphError
-
-                    raise GraphError(f"Top blob '{t}' produced by multiple sources (Caffe's net "
-                                     "after split insertion; an in-place layer on a blob that "
-                                     "other layers read too?)", layer=s.name)
+                if s.in_place(j):
+                    continue
                 names.append(t)
-                if s.kind == "split":
+                if s.is_split:
                     blobs[t] = SplitTopBlob(blobs[s.bottoms[0]])
                     continue
-                shape = shapes.get(t)
+                shape = core.blob_shapes.get(t)
                 blobs[t] = NetBlob(tuple(shape) if shape is not None else (0,))
         self._blob_names = names
         self._blob_index = {n: i for i, n in enumerate(names)}
@@ -245,7 +179,7 @@ class Net:
         self.blobs: "OrderedDict[str, NetBlob]" = OrderedDict((n, blobs[n]) for n in names)
         loss_weights = {n: 0.0 for n in names}
         for s in self._steps:
-            for t, w in zip(s.tops, s.loss):
+            for t, w in zip(s.tops, s.loss_weights):
                 loss_weights[t] = float(w)
                 if w:
                     blobs[t]._fill(1, float(w))  # Caffe's SetLossWeights: the top's diff holds it
@@ -257,123 +191,15 @@ class Net:
                 available.pop(b, None)
             for t in s.tops:
                 available[t] = None
-                if s.kind == "input":
+                if s.type == "Input":
                     inputs.append(self._blob_index[t])
         self._input_ids = inputs
         self._output_ids = [self._blob_index[n] for n in sorted(available)]
         self._layer_list = [LayerView(s, param_blobs(s.module)) for s in self._steps]
         self._layer_names_list = [s.name for s in self._steps]
-
-    def _build_steps(self, core) -> List[_Step]:
-        """Caffe's InsertSplits over the filtered net (the core's entries, in order)."""
-        from caffe_compat.layers import registry
-
-        lps = list(core.net_param.layer)
-        entries = core.entries
-        if len(lps) != len(entries):  # pragma: no cover - the core builds one entry per layer
-            raise RuntimeError("net definition and built layers disagree")
-        last_top: Dict[str, Tuple[int, int]] = {}
-        source: Dict[Tuple[int, int], Tuple[int, int]] = {}
-        count: Dict[Tuple[int, int], int] = defaultdict(int)
-        loss_w: Dict[Tuple[int, int], float] = {}
-        for i, lp in enumerate(lps):
-            for j, b in enumerate(lp.bottom):
-                src = last_top[b]
-                source[(i, j)] = src
-                count[src] += 1
-            for j, t in enumerate(lp.top):
-                last_top[t] = (i, j)
-            for j in range(min(len(lp.loss_weight), len(lp.top))):
-                key = last_top[lp.top[j]]
-                loss_w[key] = float(lp.loss_weight[j])
-                if loss_w[key]:
-                    count[key] += 1
-        steps: List[_Step] = []
-        split_idx: Dict[Tuple[int, int], int] = defaultdict(int)
-        for i, (lp, e) in enumerate(zip(lps, entries)):
-            bottoms = list(lp.bottom)
-            for j in range(len(bottoms)):
-                src = source[(i, j)]
-                if count[src] > 1:
-                    bottoms[j] = split_blob_name(lps[src[0]].name, lp.bottom[j], src[1], split_idx[src])
-                    split_idx[src] += 1
-            step = _Step(lp.name, lp.type, e.module, bottoms, list(lp.top), list(e.loss_weights),
-                         lp=lp, unbuilt=e.unbuilt_reason)
-            steps.append(step)
-            for j, t in enumerate(lp.top):
-                n = count[(i, j)]
-                if n <= 1:
-                    continue
-                w = loss_w.get((i, j), 0.0)
-                tops = [split_blob_name(lp.name, t, j, k) for k in range(n)]
-                loss = [w if k == 0 else 0.0 for k in range(n)] if w else [0.0] * n
-                steps.append(_Step(split_layer_name(lp.name, t, j), "Split", None, [t], tops, loss))
-                if w:
-                    # Caffe clears the producer's loss_weight field: a loss layer falls back
-                    # to its default (1 on top 0), any other layer to none
-                    is_loss = bool(getattr(type(e.module), "is_loss", False)) if e.module is not None \
-                        else bool(getattr(registry.resolve(lp), "is_loss", False))
-                    step.loss = ([1.0] + [0.0] * (len(lp.top) - 1)) if is_loss else [0.0] * len(lp.top)
-                    split_idx[(i, j)] += 1
-        return steps
-
-    def _analyse_backward(self, force_backward: bool) -> None:
-        """Caffe's Net::Init bookkeeping: which layers, bottoms and params get diffs."""
-        steps = self._steps
-        blob_need: Dict[str, bool] = {}
-        for s in steps:
-            need = False
-            s.bottom_need = []
-            lp = s.lp
-            for j, b in enumerate(s.bottoms):
-                nb = blob_need.get(b, False)
-                need |= nb
-                if lp is not None and len(lp.propagate_down):
-                    nb = bool(lp.propagate_down[j])
-                s.bottom_need.append(nb)
-            for j, t in enumerate(s.tops):
-                if not (j < len(s.bottoms) and s.bottoms[j] == t):
-                    blob_need[t] = False
-            n_blobs = len(getattr(s.module, "blob_names", [])) if s.module is not None else 0
-            s.param_prop = []
-            for k in range(n_blobs):
-                spec = lp.param[k] if lp is not None and k < len(lp.param) else None
-                lr = spec.lr_mult if spec is not None else 1.0
-                s.param_prop.append(lr != 0)
-            need |= any(s.param_prop)
-            s.need_backward = need
-            if need:
-                for t in s.tops:
-                    blob_need[t] = True
-        under_loss: set = set()
-        skip_backp: set = set()
-        for s in reversed(steps):
-            contributes = False
-            skip = True
-            for t, w in zip(s.tops, s.loss):
-                if w or t in under_loss:
-                    contributes = True
-                if t not in skip_backp:
-                    skip = False
-                if contributes and not skip:
-                    break
-            if s.need_backward and skip:
-                s.need_backward = False
-                s.bottom_need = [False] * len(s.bottoms)
-            if not contributes:
-                s.need_backward = False
-            for j, b in enumerate(s.bottoms):
-                if contributes:
-                    under_loss.add(b)
-                else:
-                    s.bottom_need[j] = False
-                if not s.bottom_need[j]:
-                    skip_backp.add(b)
-        if force_backward:
-            for s in steps:
-                s.need_backward = True
-                s.bottom_need = [nb or _allow_force_backward(s.type, j) for j, nb in enumerate(s.bottom_need)]
-                s.param_prop = [True] * len(s.param_prop)
+        # the core tensors each blob last exchanged with the core (data, diff)
+        self._seen: Tuple[Dict[str, Tensor], Dict[str, Tensor]] = ({}, {})
+        self._pull()
 
     # ================================================================== pycaffe's properties
     @property
@@ -447,203 +273,126 @@ class Net:
         """The :class:`caffe_compat.net.Net` underneath (a torch module)."""
         return self._core
 
-    # ================================================================== running
+    # ================================================================== core exchange
     def _device(self) -> torch.device:
         """The mode's device; moves the net there when the mode changed since the last run."""
         want = _mode.device()
         if self._placed != want:
             self._core.to(want)
             self._placed = want
-            self._records.clear()
         return want
 
+    def _push(self) -> None:
+        """Hand the core what the script changed in the blobs (and the device edits of
+        parameters): an array handed out and now holding other values, a blob reshaped."""
+        upload_dirty()
+        dev = self._device()
+        core = self._core
+        dtype = core.dtype
+        feed: Dict[str, Tensor] = {}
+        for n, blob in self.blobs.items():
+            for k, store in ((0, core.blobs), (1, core.diffs)):
+                if k == 0 and isinstance(blob, SplitTopBlob):
+                    continue  # the source blob's data
+                if not self._changed(n, blob, k, store.get(n)):
+                    continue
+                t = blob._tensor(k, dev, dtype)
+                self._seen[k][n] = t
+                if k == 0 and n in core.input_names:
+                    feed[n] = t
+                else:
+                    store[n] = t
+        if feed:
+            core.feed(**feed)
+            for n in feed:  # feed may convert (channels-last): that tensor is the core's
+                self._seen[0][n] = core.blobs[n]
+
+    def _changed(self, name: str, blob: NetBlob, k: int, cur: Optional[Tensor]) -> bool:
+        """Whether blob ``name``'s data (k=0) or diff (k=1) differs from the core's ``cur``."""
+        pending, arr = blob._current(k)
+        if pending is not None:  # the core's tensor, or a reshaped view of it
+            return pending is not self._seen[k].get(name)
+        if cur is None:  # the core has its default: zeros of the blob's shape (or a loss weight)
+            return blob._handed[k] or (k == 0 and arr.shape != self._core.blob_shapes.get(name))
+        if tuple(cur.shape) != arr.shape:
+            return True
+        if not blob._handed[k]:
+            return False  # unchanged since it came from the core
+        cpu32 = cur.device.type == "cpu" and cur.dtype == torch.float32
+        return not (cpu32 and torch.equal(cur.detach(), torch.from_numpy(arr)))
+
+    def _pull(self) -> None:
+        """Take the core's new data and diffs into the blobs (copied into arrays the script
+        holds, else kept as tensors until asked for)."""
+        core = self._core
+        for n, blob in self.blobs.items():
+            if not isinstance(blob, SplitTopBlob):
+                t = core.blobs.get(n)
+                if t is not None and t is not self._seen[0].get(n):
+                    blob._put(0, t)
+                    self._seen[0][n] = t
+            d = core.diffs.get(n)
+            if d is not None and d is not self._seen[1].get(n):
+                blob._put(1, d)
+                self._seen[1][n] = d
+
+    def _feed_memory(self, start: int, end: int) -> None:
+        """The next batch of ``set_input_arrays``' arrays for a MemoryData layer in the range."""
+        for i in range(start, end + 1):
+            s = self._steps[i]
+            if s.type != "MemoryData":
+                continue
+            mem = self._memory
+            if mem is None:
+                raise RuntimeError(f"MemoryDataLayer '{s.name}' needs to be initialized by calling "
+                                   "set_input_arrays")
+            b, pos, n = mem["batch"], mem["pos"], mem["n"]
+            data = torch.from_numpy(np.array(mem["data"][pos:pos + b], np.float32, copy=True))
+            labels = torch.from_numpy(np.array(mem["labels"][pos:pos + b], np.float32, copy=True).reshape(b))
+            mem["pos"] = (pos + b) % n
+            dev, dtype = self._core.device, self._core.dtype
+            self._core.feed(**{t: v.to(device=dev, dtype=dtype) for t, v in zip(s.tops, (data, labels))})
+
+    def _sync_to_core(self) -> Dict[str, Tensor]:
+        """Before the core runs this net whole (a solver's test pass): the blobs and the
+        MemoryData batch handed over; returns the (empty) feed."""
+        self._push()
+        if self._steps:
+            self._feed_memory(0, len(self._steps) - 1)
+        return {}
+
+    # ================================================================== running
     def _index(self, layer: Optional[str], default: int) -> int:
         if layer is None:
             return default
         return list(self._layer_names_list).index(layer)
 
-    @contextlib.contextmanager
-    def _params_for_grad(self, step: _Step) -> Iterator[List[Tuple[int, nn.Parameter]]]:
-        """The step's parameters that get diffs, with requires_grad on for the duration
-        (``lr_mult: 0`` freezes a parameter in torch, but force_backward still wants its diff)."""
-        out: List[Tuple[int, nn.Parameter]] = []
-        flipped: List[nn.Parameter] = []
-        if step.module is not None:
-            for k, attr in enumerate(step.module.blob_names):
-                t = getattr(step.module, attr)
-                if k < len(step.param_prop) and step.param_prop[k] and isinstance(t, nn.Parameter):
-                    if not t.requires_grad:
-                        t.requires_grad_(True)
-                        flipped.append(t)
-                    out.append((k, t))
-        try:
-            yield out
-        finally:
-            for t in flipped:
-                t.requires_grad_(False)
-
     def _forward(self, start: int, end: int) -> float:
-        """Caffe's ForwardFromTo (inclusive); returns the loss of the layers run."""
-        with self._core.precision():
-            return self._forward_steps(start, end)
-
-    def _forward_steps(self, start: int, end: int) -> float:
+        """pycaffe's ``_forward(start, end)``: Caffe's ForwardFromTo (inclusive) in the core;
+        returns the loss of the layers run."""
         n = len(self._steps)
         if not (0 <= start and end < n):
             raise IndexError(f"layer range {start}..{end} outside 0..{n - 1}")
-        upload_dirty()
-        dev = self._device()
-        dtype = self._core.dtype
-        cache: Dict[str, Tensor] = {}
-        loss = 0.0
-
-        def read(name: str) -> Tensor:
-            t = cache.get(name)
-            if t is None:
-                t = cache[name] = self.blobs[name]._tensor(0, dev, dtype)
-            return t
-
-        for i in range(start, end + 1):
-            s = self._steps[i]
-            kind = s.kind
-            if kind == "input":
-                continue
-            if kind == "split":  # the tops share the bottom's data (SplitTopBlob)
-                src = read(s.bottoms[0])
-                for t in s.tops:
-                    cache[t] = src
-                self._records[i] = ([], ())
-            else:
-                if kind == "memory":
-                    outs = self._memory_batch(s, dev, dtype)
-                    self._records[i] = ([], outs)
-                else:
-                    outs = self._run_layer(i, s, read)
-                for t, o in zip(s.tops, outs):
-                    cache[t] = o.detach()
-                    self.blobs[t]._put(0, o)
-            for t, w in zip(s.tops, s.loss):
-                if w:
-                    loss += float(w) * float(cache[t].double().sum())
-        self._last_loss = loss
-        return loss
-
-    def _run_layer(self, i: int, s: _Step, read) -> Tuple[Tensor, ...]:
-        m = s.module
-        if m is None:
-            from caffe_compat.errors import DataError
-
-            raise DataError(f"layer cannot run: {s.unbuilt}", layer=s.name)
-        bottoms: List[Tensor] = []
-        for j, b in enumerate(s.bottoms):
-            x = read(b).detach()
-            if s.need_backward and s.bottom_need[j] and x.is_floating_point():
-                x = x.requires_grad_(True)
-            bottoms.append(x)
-        if s.need_backward:
-            with self._params_for_grad(s), torch.enable_grad():
-                outs = m(*bottoms)
-        else:
-            with torch.no_grad():
-                outs = m(*bottoms)
-        if isinstance(outs, Tensor):
-            outs = (outs,)
-        outs = tuple(outs)
-        if len(outs) != len(s.tops):
-            from caffe_compat.errors import GraphError
-
-            raise GraphError(f"produced {len(outs)} tops, expected {len(s.tops)}", layer=s.name)
-        self._records[i] = (bottoms, outs) if s.need_backward else ([], ())
-        return outs
+        if start > end:  # Caffe's loop runs nothing
+            return 0.0
+        self._push()
+        self._feed_memory(start, end)
+        self._core.forward(start=start, end=end)
+        self._pull()
+        loss = self._core.loss
+        return 0.0 if loss is None else float(loss)
 
     def _backward(self, start: int, end: int) -> None:
-        """Caffe's BackwardFromTo (``start`` >= ``end``, inclusive)."""
-        with self._core.precision():
-            self._backward_steps(start, end)
-
-    def _backward_steps(self, start: int, end: int) -> None:
+        """pycaffe's ``_backward(start, end)``: Caffe's BackwardFromTo (``start`` >= ``end``)
+        in the core, from the diffs the blobs hold now (no forward needed first)."""
         n = len(self._steps)
         if not (end >= 0 and start < n):
             raise IndexError(f"layer range {start}..{end} outside 0..{n - 1}")
-        upload_dirty()
-        dev = self._device()
-        dtype = self._core.dtype
-        for i in range(start, end - 1, -1):
-            s = self._steps[i]
-            if not s.need_backward or s.kind in ("input", "memory"):
-                continue
-            if s.kind == "split":
-                if s.bottom_need and s.bottom_need[0]:
-                    total = None
-                    for t in s.tops:
-                        d = self.blobs[t]._tensor(1, dev, dtype)
-                        total = d.clone() if total is None else total.add_(d)
-                    self.blobs[s.bottoms[0]]._put(1, total)
-                continue
-            self._backward_layer(i, s, dev, dtype)
-
-    def _backward_layer(self, i: int, s: _Step, dev, dtype) -> None:
-        rec = self._records.get(i)
-        if rec is None:
-            raise RuntimeError(f"layer '{s.name}': backward needs a forward pass through it first")
-        bottoms, outs = rec
-        # Caffe's Backward reads the bottoms as they are now: if one changed since this
-        # layer's forward (a later partial forward, a script's write), recompute from it.
-        # In-place bottoms hold the layer's own output by design and keep the recording.
-        stale = False
-        current = list(bottoms)
-        for j, b in enumerate(s.bottoms):
-            if j < len(s.tops) and s.tops[j] == b:
-                continue
-            cur = self.blobs[b]._tensor(0, dev, dtype)
-            rb = bottoms[j]
-            if cur.shape != rb.shape or (cur.data_ptr() != rb.data_ptr() and not torch.equal(cur, rb.detach())):
-                stale = True
-                x = cur.detach()
-                current[j] = x.requires_grad_(True) if rb.requires_grad else x
-        if stale:
-            with self._params_for_grad(s), torch.enable_grad():
-                outs = s.module(*current)
-            outs = (outs,) if isinstance(outs, Tensor) else tuple(outs)
-            bottoms = current
-            self._records[i] = (bottoms, outs)
-        pairs = [(o, self.blobs[t]._tensor(1, dev, dtype).reshape(o.shape))
-                 for o, t in zip(outs, s.tops) if o.requires_grad]
-        targets = [(j, b) for j, b in enumerate(bottoms) if s.bottom_need[j] and b.requires_grad]
-        with self._params_for_grad(s) as params:
-            if pairs and (targets or params):
-                grads = torch.autograd.grad([o for o, _ in pairs], [b for _, b in targets] + [p for _, p in params],
-                                            [d for _, d in pairs], retain_graph=True, allow_unused=True)
-            else:
-                grads = (None,) * (len(targets) + len(params))
-        got = {j: g for (j, _), g in zip(targets, grads[:len(targets)])}
-        for j, b in enumerate(s.bottoms):
-            if not s.bottom_need[j]:
-                continue
-            g = got.get(j)
-            if g is None:
-                g = torch.zeros_like(bottoms[j]) if j < len(bottoms) else None
-            if g is not None:
-                self.blobs[b]._put(1, g)
-        with torch.no_grad():
-            for (k, p), g in zip(params, grads[len(targets):]):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g.detach().clone()
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
-
-    def _memory_batch(self, s: _Step, dev, dtype) -> Tuple[Tensor, Tensor]:
-        mem = self._memory
-        if mem is None:
-            raise RuntimeError(f"MemoryDataLayer '{s.name}' needs to be initialized by calling "
-                               "set_input_arrays")
-        b, pos, n = mem["batch"], mem["pos"], mem["n"]
-        data = torch.from_numpy(np.array(mem["data"][pos:pos + b], np.float32, copy=True))
-        labels = torch.from_numpy(np.array(mem["labels"][pos:pos + b], np.float32, copy=True).reshape(b))
-        mem["pos"] = (pos + b) % n
-        return data.to(device=dev, dtype=dtype), labels.to(device=dev, dtype=dtype)
+        if start < end:  # Caffe's loop runs nothing
+            return
+        self._push()
+        self._core.backward(start=start, end=end)
+        self._pull()
 
     # ================================================================== pycaffe's methods
     def forward(self, blobs: Optional[Sequence[str]] = None, start: Optional[str] = None,
@@ -673,7 +422,8 @@ class Net:
                  end: Optional[str] = None, **kwargs) -> Dict[str, np.ndarray]:
         """Backpropagate from layer ``start`` down to ``end`` (default: all) after copying the
         given output diffs into the output blobs; returns the input blobs' diffs (plus
-        those named in ``diffs``)."""
+        those named in ``diffs``).  Like Caffe's, it runs on what the blobs hold, with or
+        without a forward first."""
         diffs = list(diffs or [])
         start_ind = self._index(start, len(self._steps) - 1)
         if end is not None:
@@ -750,26 +500,13 @@ class Net:
         return res_o, res_d
 
     def reshape(self) -> None:
-        """Caffe's Net::Reshape: propagate the input blobs' shapes through every layer."""
-        shapes: Dict[str, Tuple[int, ...]] = {}
-        for s in self._steps:
-            kind = s.kind
-            if kind == "input":
-                for t in s.tops:
-                    shapes[t] = self.blobs[t].shape
-                continue
-            if kind == "split":
-                for t in s.tops:
-                    shapes[t] = shapes[s.bottoms[0]]
-            elif s.module is None:
-                continue
-            else:
-                bs = [shapes.get(b, self.blobs[b].shape) for b in s.bottoms]
-                tops = s.module.infer_top_shapes([tuple(x) for x in bs])
-                for t, shp in zip(s.tops, tops):
-                    shapes[t] = tuple(int(d) for d in shp)
-            for t in s.tops:
-                self.blobs[t].reshape(*shapes[t])
+        """Caffe's Net::Reshape: the input blobs' shapes through every layer (in the core)."""
+        core = self._core
+        shapes = {n: self.blobs[n].shape for n in core.input_names if n in self.blobs}
+        for n, s in core.reshape(**shapes).items():
+            blob = self.blobs.get(n)
+            if s is not None and blob is not None and not isinstance(blob, SplitTopBlob):
+                blob.reshape(*s)
 
     def clear_param_diffs(self) -> None:
         """Zero every learnable parameter's diff."""
@@ -820,7 +557,7 @@ class Net:
 
     def save_hdf5(self, filename) -> None:
         """Caffe's ``ToHDF5``: the weights in Caffe's HDF5 layout, whatever the file is named."""
-        from caffe_compat.hdf5_format import save_hdf5
+        from caffe_compat.weights.hdf5 import save_hdf5
 
         upload_dirty()
         save_hdf5(self._core, os.fspath(filename))
@@ -828,7 +565,7 @@ class Net:
     def load_hdf5(self, filename) -> None:
         """Caffe's ``CopyTrainedLayersFromHDF5``, whatever the file is named: layers named as
         in the file take its blobs (others keep theirs, as ``copy_from``)."""
-        from caffe_compat.hdf5_format import load_hdf5_into
+        from caffe_compat.weights.hdf5 import load_hdf5_into
 
         upload_dirty()
         load_hdf5_into(self._core, os.fspath(filename), allow_missing=True)
@@ -842,10 +579,10 @@ class Net:
 
     def _set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         s = self._steps[0] if self._steps else None
-        if s is None or s.kind != "memory":
+        if s is None or s.type != "MemoryData":
             raise RuntimeError("set_input_arrays may only be called if the first layer is a "
                                "MemoryDataLayer")
-        p = s.lp.memory_data_param
+        p = s.param.memory_data_param
         c, h, w, b = int(p.channels), int(p.height), int(p.width), int(p.batch_size)
         for arr, name, dims in ((data, "data array", (c, h, w)), (labels, "labels array", (1, 1, 1))):
             if not isinstance(arr, np.ndarray) or not arr.flags["C_CONTIGUOUS"]:
@@ -862,46 +599,6 @@ class Net:
         if data.shape[0] % b != 0:
             raise RuntimeError("first dimensions of input arrays must be a multiple of batch size")
         self._memory = {"data": data, "labels": labels, "pos": 0, "n": int(data.shape[0]), "batch": b}
-
-    # ================================================================== solver support
-    def _has_loss(self) -> bool:
-        return any(w for s in self._steps for w in s.loss)
-
-    def _publish_to_core(self) -> None:
-        """Mirror the last forward's outputs and loss into the core (the solver's log reads
-        ``net.blobs`` of the outputs and ``net.loss``)."""
-        core = self._core
-        dev = core.device
-        core.blobs = OrderedDict((n, self.blobs[n]._tensor(0, dev, core.dtype))
-                                 for n in core.output_names if n in self.blobs)
-        core.loss = torch.tensor(self._last_loss, dtype=torch.float32) if self._has_loss() else None
-
-    def _sync_from_core(self) -> None:
-        """Take the core's last forward (a solver test pass) into the blobs."""
-        core = self._core
-        for n, t in core.blobs.items():
-            b = self.blobs.get(n)
-            if b is not None and not self._is_input(n):
-                b._put(0, t)
-        self._records.clear()
-
-    def _is_input(self, name: str) -> bool:
-        i = self._blob_index.get(name)
-        return i is not None and i in self._input_ids
-
-    def _feed_tensors(self) -> Dict[str, Tensor]:
-        """Input blobs (and a MemoryData batch) as the core net's feed."""
-        dev, dtype = self._core.device, self._core.dtype
-        feed: Dict[str, Tensor] = {}
-        for i in self._input_ids:
-            n = self._blob_names[i]
-            if n in self._core.input_names:
-                feed[n] = self.blobs[n]._tensor(0, dev, dtype)
-        for s in self._steps:
-            if s.kind == "memory" and self._memory is not None:
-                for t, v in zip(s.tops, self._memory_batch(s, dev, dtype)):
-                    feed[t] = v
-        return feed
 
     def __repr__(self) -> str:
         return (f"<caffe Net '{self._core.net_name}' phase={self.phase} layers={len(self._steps)} "

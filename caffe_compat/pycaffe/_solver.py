@@ -9,9 +9,10 @@ views, so the usual pycaffe training loop works unchanged::
     solver.step(1)
     print(solver.net.blobs['loss'].data)
 
-A training iteration runs through the view's layer-by-layer executor (Caffe's
-ForwardBackward): input blobs are read as the script left them, every blob's data and
-diff afterwards are Caffe's, and parameter diffs accumulate over ``iter_size`` passes.
+A training iteration is the core net's layer-by-layer ``forward(start=, end=)`` and
+``backward(start=, end=)`` (Caffe's ForwardBackward): input blobs are read as the script
+left them, every blob's data and diff afterwards are Caffe's, and parameter diffs
+accumulate over ``iter_size`` passes.
 After the update each parameter's diff holds the update that was applied, as in Caffe
 (its ApplyUpdate computes the update in place in the diff).  Test passes run in the core
 on the test nets (whose trained layers share the train net's weights from the first test
@@ -75,10 +76,8 @@ class _CoreSolver(_CoreBase):
             return None
         view._forward(0, n - 1)
         view._backward(n - 1, 0)
-        view._publish_to_core()
-        if not view._has_loss():
-            return None
-        return torch.tensor(view._last_loss, dtype=torch.float64)
+        loss = self.net.loss
+        return None if loss is None else loss.detach()
 
     def apply_update(self, display: bool = False) -> float:
         for _, on_gradients_ready in self._owner._callbacks:
@@ -128,14 +127,14 @@ class Solver:
 
     # ------------------------------------------------------------------ feeding the core
     def _train_feed(self, iteration: int) -> Dict[str, Tensor]:
-        return self.net._feed_tensors() if self._net is not None else {}
+        return self.net._sync_to_core() if self._net is not None else {}
 
     def _test_feed(self, net_id: int, i: int) -> Dict[str, Tensor]:
-        return self._test_nets[net_id]._feed_tensors() if net_id < len(self._test_nets) else {}
+        return self._test_nets[net_id]._sync_to_core() if net_id < len(self._test_nets) else {}
 
     def _after_test(self, core, result) -> None:
         if result.net_id < len(self._test_nets):
-            self._test_nets[result.net_id]._sync_from_core()
+            self._test_nets[result.net_id]._pull()
 
     # ------------------------------------------------------------------ pycaffe's API
     @property
@@ -173,6 +172,7 @@ class Solver:
         """Train to ``max_iter`` (restoring ``resume_file`` first when given)."""
         upload_dirty()
         self._core.solve(os.fspath(resume_file) if resume_file else None)
+        self.net._pull()
 
     def snapshot(self) -> None:
         """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate``."""

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "faster_rcnn_tiny"
 #: with 1000+ iterations, a mAP below this is reported as a failure (1300 measured about 0.9)
 MIN_MAP = 0.5
@@ -55,14 +55,14 @@ def _montage(paths: List[str], out: str, cols: int = 3, cell: int = 300) -> Opti
 
 
 def main(out_dir: Optional[str] = None, iters: Optional[int] = None, images: Optional[int] = None) -> int:
-    from caffe_compat.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
-    from caffe_compat.datasets.factory import get_imdb
-    from caffe_compat.datasets.synthetic_voc import write_dataset
-    from caffe_compat.frcnn.progress import setup_logging
+    from caffe_compat.frcnn.config import cfg, cfg_from_file, cfg_from_list, temporary_cfg
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.frcnn.datasets.synthetic_voc import write_dataset
     from caffe_compat.frcnn.test import test_net
-    from caffe_compat.frcnn.train import (combined_roidb, load_solver_param, resolve_net_paths,
-                                          seed_everything, train_net)
+    from caffe_compat.frcnn.train import combined_roidb, train_net
     from caffe_compat.net import Net
+    from caffe_compat.progress import setup_logging
+    from caffe_compat.trainer import load_solver_param, resolve_net_paths, seed_everything
 
     iters = int(iters or os.environ.get("DEMO_ITERS") or 1300)
     images = int(images or os.environ.get("DEMO_IMAGES") or 400)
@@ -80,7 +80,7 @@ def main(out_dir: Optional[str] = None, iters: Optional[int] = None, images: Opt
     # Caffe's per-output lines every 20 iterations are a lot for a demo: keep the loss lines
     logging.getLogger("caffe_compat.solver").addFilter(
         lambda r: "net output" not in r.getMessage() and ", lr = " not in r.getMessage())
-    for name in ("caffe_compat.roidb", "caffe_compat.datasets", "caffe_compat.frcnn.test"):
+    for name in ("caffe_compat.frcnn.roidb", "caffe_compat.frcnn.datasets", "caffe_compat.frcnn.test"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     with temporary_cfg():

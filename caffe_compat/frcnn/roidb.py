@@ -26,8 +26,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffe_compat.config import AttrDict, ConfigError, cfg
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.config import AttrDict, ConfigError, cfg
 
 __all__ = [
     "prepare_roidb", "add_bbox_regression_targets", "compute_targets", "filter_roidb",
@@ -45,7 +45,7 @@ def _c(config: Optional[AttrDict]) -> AttrDict:
 
 
 def _bbox_overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from caffe_compat.datasets.imdb import bbox_overlaps_np
+    from caffe_compat.frcnn.datasets.imdb import bbox_overlaps_np
 
     return bbox_overlaps_np(a, b)
 
@@ -54,7 +54,7 @@ def _bbox_transform(ex: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """Regression targets in float64 (py-faster-rcnn's numpy ``bbox_transform``)."""
     import torch
 
-    from caffe_compat.boxes import bbox_transform
+    from caffe_compat.frcnn.boxes import bbox_transform
 
     return bbox_transform(torch.from_numpy(np.ascontiguousarray(ex, dtype=np.float64)),
                           torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float64))).numpy()
@@ -70,7 +70,7 @@ def prepare_roidb(imdb: Any) -> Roidb:
     """
     roidb = imdb.roidb
     sizes: Dict[str, Tuple[int, int]] = {}
-    from caffe_compat.datasets.imdb import image_size
+    from caffe_compat.frcnn.datasets.imdb import image_size
 
     for i in range(len(imdb.image_index)):
         path = imdb.image_path_at(i)

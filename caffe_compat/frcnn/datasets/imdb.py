@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffe_compat.config import cfg
 from caffe_compat.errors import DataError
+from caffe_compat.frcnn.config import cfg
 
 __all__ = [
     "imdb", "Roidb", "RoidbEntry", "bbox_overlaps_np", "image_size", "save_roidb", "load_roidb",

@@ -4,7 +4,7 @@ The original layer owned a roidb, shuffled it (pairing images of like aspect rat
 built each minibatch itself (reading images with OpenCV).  Here image loading belongs to
 the training pipeline; the layer keeps the parts a net needs:
 
-* the tops and their **build-time shapes**, chosen by the global config exactly as the
+* the tops and their **build-time shapes**, chosen by the config exactly as the
   original's setup did (so a net built from py-faster-rcnn's prototxt gets the same
   shapes); ``cfg.TRAIN.HAS_RPN`` picks the RPN form ``data, im_info, gt_boxes`` or the
   Fast R-CNN form ``data, rois, labels[, bbox_targets, bbox_inside_weights,
@@ -22,6 +22,10 @@ the training pipeline; the layer keeps the parts a net needs:
 
 A minibatch dict maps every top name to an array or tensor; numpy arrays become float32
 tensors (on ``device`` if given), tensors keep their device and floating dtype.
+
+The config keys the layer uses (``TRAIN.IMS_PER_BATCH``, ``SCALES``, ``MAX_SIZE``,
+``HAS_RPN``, ``BBOX_REG``, ``ASPECT_GROUPING``) are read once, when the net is built
+(:func:`caffe_compat.frcnn.config.build_cfg`), never at forward.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat import config
 from caffe_compat.errors import DataError, GraphError, SchemaError
+from caffe_compat.frcnn.config import build_cfg, parse_param_str
 from caffe_compat.layers.base import Layer, Shape
 from caffe_compat.layers.registry import register_python
 
@@ -57,13 +61,16 @@ class RoIDataLayer(Layer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx) -> None:
         super().__init__(param, bottom_shapes, ctx)
         ps = param.python_param.param_str if param.HasField("python_param") else ""
-        p = config.parse_param_str(ps, self.name, ("num_classes",), required=("num_classes",))
+        p = parse_param_str(ps, self.name, ("num_classes",), required=("num_classes",))
         k = p["num_classes"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise self.error(SchemaError, f"param_str 'num_classes' must be a positive integer, "
                                           f"got {k!r}")
         self.num_classes = k
-        c = config.cfg.TRAIN
+        c = build_cfg(ctx).TRAIN
+        #: minibatch drawing from a roidb (``set_roidb``): the config's, read once now
+        self.ims_per_batch = int(c.IMS_PER_BATCH)
+        self.aspect_grouping = bool(c.ASPECT_GROUPING)
         k4 = 4 * k
         shapes: Dict[str, Shape] = {"data": (int(c.IMS_PER_BATCH), 3, int(max(c.SCALES)),
                                              int(c.MAX_SIZE))}
@@ -184,7 +191,7 @@ class RoIDataLayer(Layer):
         """
         assert self._roidb is not None
         n = len(self._roidb)
-        if config.cfg.TRAIN.ASPECT_GROUPING:
+        if self.aspect_grouping:
             horz = [i for i, r in enumerate(self._roidb) if r["width"] >= r["height"]]
             vert = [i for i, r in enumerate(self._roidb) if r["width"] < r["height"]]
             inds = ([horz[j] for j in self._randperm(len(horz))]
@@ -203,7 +210,7 @@ class RoIDataLayer(Layer):
         """
         if self._roidb is None:
             raise self.error(DataError, "no roidb: call set_roidb(roidb, get_minibatch) first")
-        ims = int(config.cfg.TRAIN.IMS_PER_BATCH)
+        ims = self.ims_per_batch
         if self._cur + ims >= len(self._roidb):
             self._shuffle_roidb_inds()
         inds = self._perm[self._cur:self._cur + ims]

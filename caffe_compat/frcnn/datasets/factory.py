@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 from caffe_compat.errors import DataError
-from caffe_compat.datasets.imdb import imdb
+from caffe_compat.frcnn.datasets.imdb import imdb
 
 __all__ = ["get_imdb", "list_imdbs", "register_imdb"]
 
@@ -19,7 +19,7 @@ _SETS: Dict[str, Callable[[], imdb]] = {}
 
 def _voc(split: str, year: str) -> Callable[[], imdb]:
     def make() -> imdb:
-        from caffe_compat.datasets.pascal_voc import pascal_voc
+        from caffe_compat.frcnn.datasets.pascal_voc import pascal_voc
 
         return pascal_voc(split, year)
     return make
@@ -27,7 +27,7 @@ def _voc(split: str, year: str) -> Callable[[], imdb]:
 
 def _coco(split: str, year: str) -> Callable[[], imdb]:
     def make() -> imdb:
-        from caffe_compat.datasets.coco import coco
+        from caffe_compat.frcnn.datasets.coco import coco
 
         return coco(split, year)
     return make

@@ -7,7 +7,7 @@ of the 20 VOC classes is drawn as its own shape (10 shapes) in its own colour (2
 around the colour wheel; classes ``i`` and ``i + 10`` share a shape but have opposite
 hues), on a desaturated, noisy, low-frequency textured background.
 
-Layout (what :class:`~caffe_compat.datasets.pascal_voc.pascal_voc` reads)::
+Layout (what :class:`~caffe_compat.frcnn.datasets.pascal_voc.pascal_voc` reads)::
 
     OUT/VOCdevkit<year>/VOC<year>/JPEGImages/000001.jpg
                                  /Annotations/000001.xml

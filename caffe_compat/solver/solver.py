@@ -1,43 +1,32 @@
-"""Caffe's solvers (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam) on a :class:`Net`.
+"""Caffe's ``Solver`` (with ``SGDSolver``'s shared part) on a :class:`Net`.
 
 One training iteration is Caffe's ``Solver::Step`` body: clear the parameter diffs, run
 forward/backward ``iter_size`` times (gradients accumulate, the loss is averaged for the
-log), then ``ApplyUpdate``: learning rate from the policy, global-L2 gradient clipping,
-division by ``iter_size``, L1/L2 weight decay scaled by each blob's ``decay_mult``, the
-solver type's update rule scaled by each blob's ``lr_mult``, and ``w -= update``.  The
-update rules are written out here tensor by tensor rather than taken from ``torch.optim``,
-whose SGD keeps ``lr`` outside the momentum buffer and so differs whenever the rate changes.
+log), then ``ApplyUpdate``: learning rate from the policy (:mod:`.lr_policy`), global-L2
+gradient clipping, division by ``iter_size``, L1/L2 weight decay scaled by each blob's
+``decay_mult``, the solver type's update rule (:mod:`.update_rules`, Caffe's
+``ComputeUpdateValue``) scaled by each blob's ``lr_mult``, and ``w -= update``.
 
 Training data comes from the net's own data layers (Caffe's way) unless a ``feed`` is given:
 a dict of arrays fed every pass, or a callable ``feed(iteration)`` /
 ``feed(iteration, pass_index)`` returning such a dict (``pass_index`` counts the
 ``iter_size`` passes of one iteration).
 
-Snapshots are ``{prefix}_iter_{N}.caffemodel`` plus ``{prefix}_iter_{N}.solverstate``.  The
-solverstate is this project's format, a safetensors file: the history tensors (Caffe's
-``history_`` order) and a JSON metadata entry with the iteration, the step counter, the
-weights file name and every random generator's state, so that a restored run continues
-bit-identically.  Caffe's own binaryproto ``.solverstate`` files can be restored too
-(without generator states, which Caffe does not keep either).
-
-``snapshot_format: HDF5`` writes Caffe's HDF5 snapshots instead,
-``{prefix}_iter_{N}.caffemodel.h5`` and ``{prefix}_iter_{N}.solverstate.h5``
-(``caffe_compat.hdf5_format``; needs h5py), and :meth:`Solver.restore` reads them (any
-state named ``*.h5``, as Caffe decides).  That state, like Caffe's, has no random generator
-states: a resume from it is exact in weights, history, iteration and learning-rate step, but
-random draws (dropout masks, data shuffling) continue from the process's current generators,
-not from where the interrupted run was.
+Snapshots are ``{prefix}_iter_{N}.caffemodel`` plus ``{prefix}_iter_{N}.solverstate``,
+caffe-compat's state (:mod:`.state_safetensors`: it keeps every random generator's state, so
+that a restored run continues bit-identically).  ``snapshot_format: HDF5`` writes Caffe's
+``{prefix}_iter_{N}.caffemodel.h5`` and ``.solverstate.h5`` instead (:mod:`.state_hdf5`;
+needs h5py).  :meth:`Solver.restore` reads all three state formats, Caffe's binaryproto one
+(:mod:`.state_binaryproto`) included; Caffe's formats have no random generator states, so a
+resume from them is exact in weights, history, iteration and learning-rate step, but random
+draws (dropout masks, data shuffling) continue from the process's current generators.
 """
 from __future__ import annotations
 
-import base64
-import difflib
 import inspect
-import json
 import logging
 import math
 import os
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -46,22 +35,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.errors import CaffeCompatError, SolverError
-from caffe_compat.lr_policy import LR_POLICIES, check_lr_policy, learning_rate
+from caffe_compat.errors import SolverError
+from caffe_compat.hdf5_util import h5py_module, looks_like_hdf5
+from caffe_compat.io import read_net_text, read_solver_text
+from caffe_compat.net import Net
 from caffe_compat.protos import caffe_pb2
+from caffe_compat.solver import state_binaryproto, state_hdf5, state_safetensors
+from caffe_compat.solver.lr_policy import check_lr_policy, learning_rate
+from caffe_compat.solver.state import SolverState
+from caffe_compat.solver.update_rules import UpdateRule, update_rule_class
+from caffe_compat.upgrade import upgrade_solver
 
+#: the package's name, not this module's: log filters and tests select it by that name
 log = logging.getLogger("caffe_compat.solver")
-
-SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
-STATE_FORMAT = "caffe-compat-solverstate"
-STATE_VERSION = 1
 
 Feed = Union[None, Mapping[str, Any], Callable[..., Mapping[str, Any]]]
 TestFeed = Union[None, Mapping[str, Any], Callable[[int, int], Mapping[str, Any]]]
 SolverSource = Union[str, "os.PathLike[str]", "caffe_pb2.SolverParameter"]
 
-__all__ = ["Solver", "get_solver", "IterationInfo", "TestResult", "SOLVER_TYPES", "LR_POLICIES",
-           "learning_rate"]
+__all__ = ["Solver", "get_solver", "IterationInfo", "TestResult", "SnapshotInfo"]
 
 
 def _g(x: float) -> str:
@@ -97,25 +89,11 @@ class TestResult:
 
 @dataclass
 class SnapshotInfo:
+    """What an ``on="snapshot"`` callback gets: the iteration and the files written."""
+
     iter: int
     model: str
     state: str
-
-
-def _b64(t: Tensor) -> str:
-    return base64.b64encode(t.detach().cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def _net_generator(net) -> Optional[torch.Generator]:
-    gen = getattr(net, "generator", None)
-    if isinstance(gen, torch.Generator):
-        return gen
-    ctx = getattr(net, "_ctx", None)
-    return getattr(ctx, "generator", None)
 
 
 def _feed_arity(fn: Callable) -> int:
@@ -136,6 +114,10 @@ def _feed_arity(fn: Callable) -> int:
 class Solver:
     """A Caffe solver over a train net (and test nets), with Caffe's exact update rules.
 
+    The update rule is the one registered for the definition's ``type``
+    (:func:`~caffe_compat.solver.update_rules.update_rule_class`), held as ``self.rule``;
+    everything else is shared by all types, as Caffe's ``Solver``/``SGDSolver`` code is.
+
     ``solver`` is a solver prototxt path, its text, or a ``caffe_pb2.SolverParameter``.  Net
     file paths inside it are resolved against the current directory, as Caffe does.
     ``weights`` (a path, a comma-separated list, or a list) fine-tunes from existing
@@ -148,6 +130,7 @@ class Solver:
         self.param = self._read_param(solver)
         p = self.param
         self.type: str = p.type or "SGD"
+        self.rule: UpdateRule
         self._check_param()
         self.feed = feed
         self._feed_arity = _feed_arity(feed) if callable(feed) else 0
@@ -188,9 +171,6 @@ class Solver:
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _read_param(solver: SolverSource) -> "caffe_pb2.SolverParameter":
-        from caffe_compat.io import read_solver_text
-        from caffe_compat.upgrade import upgrade_solver
-
         if isinstance(solver, caffe_pb2.SolverParameter):
             return upgrade_solver(solver, source="<SolverParameter>")
         if not isinstance(solver, (str, os.PathLike)):
@@ -208,14 +188,10 @@ class Solver:
         return param
 
     def _check_param(self) -> None:
-        """Caffe's CHECKs on the solver definition, as SolverErrors (before any net is built)."""
+        """Caffe's CHECKs on the solver definition, as SolverErrors (before any net is built);
+        builds ``self.rule``."""
         p = self.param
-        if self.type not in SOLVER_TYPES:
-            near = difflib.get_close_matches(self.type, SOLVER_TYPES, n=1, cutoff=0.5)
-            near += [t for t in SOLVER_TYPES if t.lower() == self.type.lower() and t not in near]
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise SolverError(f"unknown solver type '{self.type}' (types are case-sensitive; known: "
-                              f"{', '.join(SOLVER_TYPES)}).{hint}")
+        rule_class = update_rule_class(self.type)
         check_lr_policy(p)
         if p.average_loss < 1:
             raise SolverError(f"average_loss must be at least 1, got {p.average_loss}")
@@ -223,13 +199,8 @@ class Solver:
             raise SolverError(f"iter_size must be at least 1, got {p.iter_size}")
         if p.weight_decay != 0 and p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"unknown regularization_type '{p.regularization_type}'; allowed: L1, L2")
-        if self.type in ("AdaGrad", "RMSProp") and p.momentum != 0:
-            raise SolverError(f"momentum cannot be used with {self.type} (got momentum {p.momentum:g})")
-        if self.type == "RMSProp" and not 0 <= p.rms_decay < 1:
-            raise SolverError(f"rms_decay should lie in [0, 1), got {p.rms_decay:g}")
+        self.rule = rule_class(p)  # the rule's own CHECKs (e.g. no momentum with AdaGrad)
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            from caffe_compat.hdf5_format import h5py_module
-
             h5py_module(SolverError, "snapshot_format: HDF5 snapshots")  # fail now, not at a snapshot
         if p.snapshot < 0:
             raise SolverError(f"snapshot interval must not be negative, got {p.snapshot}")
@@ -262,9 +233,6 @@ class Solver:
         return st
 
     def _make_net(self, source, phase: int, override, seed: int, device):
-        from caffe_compat.io import read_net_text
-        from caffe_compat.net import Net
-
         net_param = read_net_text(source) if not isinstance(source, caffe_pb2.NetParameter) else source
         st = self._merged_state(net_param, phase, override)
         return Net(source, phase="train" if st.phase == caffe_pb2.TRAIN else "test",
@@ -316,10 +284,8 @@ class Solver:
 
     def _new_history(self) -> List[Tensor]:
         params = [info.param for info in self.net.learnable_params()]
-        hist = [torch.zeros_like(t, memory_format=torch.contiguous_format).detach() for t in params]
-        if self.type in ("AdaDelta", "Adam"):
-            hist += [torch.zeros_like(t, memory_format=torch.contiguous_format).detach() for t in params]
-        return hist
+        return [torch.zeros_like(t, memory_format=torch.contiguous_format).detach()
+                for _ in range(self.rule.history_sets) for t in params]
 
     # ------------------------------------------------------------------ API
     @property
@@ -492,7 +458,7 @@ class Solver:
         if display:
             log.info("Iteration %d, lr = %s", self.iter, _g(rate))
         infos = self.net.learnable_params()
-        if len(self.history) not in (len(infos), 2 * len(infos)):
+        if len(self.history) != self.rule.history_sets * len(infos):
             raise SolverError("the net's learnable parameters changed since the solver was built")
         with torch.no_grad():
             grads: List[Tensor] = []
@@ -544,48 +510,10 @@ class Solver:
         return h
 
     def _compute_update(self, i: int, n: int, w: Tensor, g: Tensor, local_rate: float) -> Tensor:
-        """The solver type's ComputeUpdateValue for learnable blob ``i``; returns the step."""
-        p = self.param
-        t = self.type
-        f32 = np.float32
-        if t == "SGD":
-            h = self._hist(i, w)
-            h.mul_(float(f32(p.momentum))).add_(g, alpha=local_rate)
-            return h
-        if t == "Nesterov":
-            h = self._hist(i, w)
-            mom = float(f32(p.momentum))
-            prev = h.clone()
-            h.mul_(mom).add_(g, alpha=local_rate)
-            return h * float(f32(1) + f32(mom)) - prev * mom
-        if t == "AdaGrad":
-            h = self._hist(i, w)
-            h.add_(g * g)
-            return (g / (h.sqrt() + float(f32(p.delta)))) * local_rate
-        if t == "RMSProp":
-            h = self._hist(i, w)
-            decay = float(f32(p.rms_decay))
-            h.mul_(decay).add_(g * g, alpha=float(f32(1) - f32(decay)))
-            return (g / (h.sqrt() + float(f32(p.delta)))) * local_rate
-        if t == "AdaDelta":
-            hg, hu = self._hist(i, w), self._hist(n + i, w)
-            mom = float(f32(p.momentum))
-            one_m = float(f32(1) - f32(mom))
-            delta = float(f32(p.delta))
-            hg.mul_(mom).add_(g * g, alpha=one_m)
-            upd = g * ((hu + delta) / (hg + delta)).sqrt()
-            hu.mul_(mom).add_(upd * upd, alpha=one_m)
-            return upd * local_rate
-        if t == "Adam":
-            m, v = self._hist(i, w), self._hist(n + i, w)
-            b1, b2 = float(f32(p.momentum)), float(f32(p.momentum2))
-            step = self.iter + 1
-            # C++: pow(float, int) is double, so the correction is computed in double
-            correction = float(f32(math.sqrt(1.0 - math.pow(b2, step)) / (1.0 - math.pow(b1, step))))
-            m.mul_(b1).add_(g, alpha=float(f32(1) - f32(b1)))
-            v.mul_(b2).add_(g * g, alpha=float(f32(1) - f32(b2)))
-            return (m / (v.sqrt() + float(f32(p.delta)))) * float(f32(local_rate) * f32(correction))
-        raise AssertionError(t)  # pragma: no cover - checked at construction
+        """The solver type's ComputeUpdateValue for learnable blob ``i`` of ``n``; returns the
+        step.  Its history is ``history[i]`` (and ``history[n + i]`` for a second set)."""
+        hist = [self._hist(b * n + i, w) for b in range(self.rule.history_sets)]
+        return self.rule.compute_update_value(hist, g, local_rate, self.iter)
 
     def solve(self, resume_file: Optional[str] = None) -> None:
         """Train to ``max_iter`` (Caffe's ``Solver::Solve``), optionally resuming a snapshot."""
@@ -751,67 +679,25 @@ class Solver:
             cb(self, info)
         return model, state
 
-    def _rng_states(self) -> Dict[str, Any]:
-        rng: Dict[str, Any] = {"torch_cpu": _b64(torch.get_rng_state())}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-        nets = {}
-        for name, net in [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]:
-            gen = _net_generator(net)
-            if gen is not None:
-                nets[name] = _b64(gen.get_state())
-        rng["nets"] = nets
-        return rng
-
-    def _set_rng_states(self, rng: Mapping[str, Any]) -> None:
-        if "torch_cpu" in rng:
-            torch.set_rng_state(_unb64(rng["torch_cpu"]))
-        cuda = rng.get("torch_cuda")
-        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
-        nets = rng.get("nets", {})
-        for name, net in [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]:
-            gen = _net_generator(net)
-            if gen is not None and name in nets:
-                gen.set_state(_unb64(nets[name]))
+    def _named_nets(self) -> List[Tuple[str, Any]]:
+        return [("train", self.net)] + [(f"test{i}", n) for i, n in enumerate(self.test_nets)]
 
     def _write_state(self, path: str, model: str) -> None:
-        from safetensors.torch import save as st_save
-
-        from caffe_compat.atomic import atomic_write
-
-        meta = {
-            "version": STATE_VERSION,
-            "type": self.type,
-            "iter": self.iter,
-            "current_step": self.current_step,
-            "learned_net": model,
-            "params": [[i.key, list(i.param.shape)] for i in self.net.learnable_params()],
-            "history_size": len(self.history),
-            "rng": self._rng_states(),
-        }
-        tensors = {f"history.{i}": h.detach().cpu().contiguous() for i, h in enumerate(self.history)}
-        metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
+        """caffe-compat's ``.solverstate``: history in this solver's layout, generator states
+        and the ``_extra_state`` of subclasses."""
         extra_tensors, extra_meta = self._extra_state()
-        clash = (set(extra_tensors) & set(tensors)) | (set(extra_meta) & set(metadata))
-        if clash:
-            raise SolverError(f"solver state entries {sorted(clash)} are reserved")
-        tensors.update(extra_tensors)
-        metadata.update(extra_meta)
-        data = st_save(tensors, metadata=metadata)
-        try:
-            atomic_write(path, data)
-        except OSError as e:
-            raise SolverError(f"cannot write solver state {path}: {e}") from None
+        state_safetensors.write_state(
+            path, SolverState(self.iter, self.current_step, model, self.history), solver_type=self.type,
+            params=[(i.key, list(i.param.shape)) for i in self.net.learnable_params()],
+            rng=state_safetensors.rng_states(self._named_nets()), extra_tensors=extra_tensors,
+            extra_meta=extra_meta)
 
     def _write_state_hdf5(self, path: str, model: str) -> None:
         """Caffe's HDF5 solver state: iteration, step, weights file name and history only
         (no generator states, no ``_extra_state``: Caffe's layout has no place for them)."""
-        from caffe_compat.hdf5_format import write_solver_state_hdf5
-
         try:
-            write_solver_state_hdf5(path, iteration=self.iter, current_step=self.current_step,
-                                    learned_net=model, history=self._caffe_history())
+            state_hdf5.write_state(path, SolverState(self.iter, self.current_step, model,
+                                                     self._caffe_history()))
         except OSError as e:
             raise SolverError(f"cannot write solver state {path}: {e}") from None
 
@@ -820,13 +706,6 @@ class Solver:
         Faster R-CNN trainer's loader position); names must not clash with the solver's."""
         return {}, {}
 
-    @staticmethod
-    def _is_safetensors(data: bytes) -> bool:
-        if len(data) < 10:
-            return False
-        (n,) = struct.unpack("<Q", data[:8])
-        return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
-
     def restore(self, state_path: str) -> None:
         """Restore a snapshot: weights, iteration, step counter, history and RNG states.
 
@@ -834,11 +713,9 @@ class Solver:
         Caffe's HDF5 one (named ``*.h5``, or HDF5 content; it has no RNG states, so random
         draws after the resume differ from the uninterrupted run's).
         """
-        from caffe_compat.hdf5_format import looks_like_hdf5
-
         state_path = os.fspath(state_path)
         if state_path.endswith(".h5") or looks_like_hdf5(state_path):
-            self._restore_hdf5(state_path)
+            self._apply_restored(state_path, state_hdf5.read_state(state_path))
             log.info("Restored solver state at iteration %d from %s (HDF5: no random generator "
                      "states)", self.iter, state_path)
             return
@@ -847,10 +724,12 @@ class Solver:
                 data = f.read()
         except OSError as e:
             raise SolverError(f"cannot read solver state: {e.strerror}", where=state_path) from None
-        if self._is_safetensors(data):
-            self._restore_ours(state_path, data)
+        if state_safetensors.is_safetensors(data):
+            state, rng = state_safetensors.read_state(state_path, data, solver_type=self.type)
+            self._apply_restored(state_path, state)
+            state_safetensors.set_rng_states(rng, self._named_nets())
         else:
-            self._restore_caffe(state_path, data)
+            self._apply_restored(state_path, state_binaryproto.read_state(state_path, data))
         log.info("Restored solver state at iteration %d from %s", self.iter, state_path)
 
     def _learned_net_path(self, state_path: str, learned: str) -> str:
@@ -877,14 +756,11 @@ class Solver:
                     slots.append((index.get(id(t)), t))
         return slots
 
-    def _history_blocks(self) -> int:
-        return 2 if self.type in ("AdaDelta", "Adam") else 1
-
     def _caffe_history(self) -> List[Tensor]:
         """The history in Caffe's layout (what Caffe's solver states hold): zeros for buffers."""
         n = len(self.net.learnable_params())
         out: List[Tensor] = []
-        for b in range(self._history_blocks()):
+        for b in range(self.rule.history_sets):
             for k, t in self._caffe_history_slots():
                 out.append(self.history[b * n + k] if k is not None
                            else torch.zeros(t.shape, dtype=self.history[0].dtype if self.history
@@ -897,7 +773,7 @@ class Solver:
         if len(arrays) == len(self.history):
             return arrays
         slots = self._caffe_history_slots()
-        blocks = self._history_blocks()
+        blocks = self.rule.history_sets
         if len(arrays) != blocks * len(slots):
             extra = (f" (or {blocks * len(slots)} in Caffe's layout, which also counts buffers such as "
                      "BatchNorm statistics)" if blocks * len(slots) != len(self.history) else "")
@@ -925,59 +801,14 @@ class Solver:
             with torch.no_grad():
                 h.copy_(a.reshape(h.shape).to(device=h.device, dtype=h.dtype))
 
-    def _restore_ours(self, state_path: str, data: bytes) -> None:
-        from safetensors.torch import load as st_load
-
-        (n,) = struct.unpack("<Q", data[:8])
-        try:
-            header = json.loads(data[8:8 + n].decode("utf-8"))
-            meta = header.get("__metadata__", {}) or {}
-            if meta.get("format") != STATE_FORMAT:
-                raise SolverError(f"not a solver state (format {meta.get('format')!r})", where=state_path)
-            state = json.loads(meta["state"])
-            tensors = st_load(data)
-        except SolverError:
-            raise
-        except Exception as e:  # corrupt JSON or tensors
-            raise SolverError(f"corrupt solver state: {e}", where=state_path) from None
-        if state.get("version", 0) > STATE_VERSION:
-            raise SolverError(f"solver state version {state.get('version')} is newer than this "
-                              f"caffe-compat understands ({STATE_VERSION})", where=state_path)
-        if state.get("type") != self.type:
-            raise SolverError(f"the state was written by a {state.get('type')} solver, this one is "
-                              f"{self.type}", where=state_path)
-        hist = [tensors[f"history.{i}"] for i in range(int(state["history_size"]))]
-        self._apply_restored(state_path, state.get("learned_net"), hist, int(state["iter"]),
-                             int(state.get("current_step", 0)))
-        self._set_rng_states(state.get("rng", {}))
-
-    def _restore_caffe(self, state_path: str, data: bytes) -> None:
-        from caffe_compat.io import blob_to_array, parse_binary
-
-        try:
-            st = parse_binary(data, caffe_pb2.SolverState(), state_path)
-        except CaffeCompatError as e:
-            raise SolverError(f"not a solver state: {e.message}", where=state_path) from None
-        arrays = [torch.from_numpy(np.array(blob_to_array(b, where=state_path))) for b in st.history]
-        self._apply_restored(state_path, st.learned_net if st.HasField("learned_net") else None,
-                             arrays, int(st.iter), int(st.current_step))
-
-    def _restore_hdf5(self, state_path: str) -> None:
-        from caffe_compat.hdf5_format import read_solver_state_hdf5
-
-        iteration, step, learned, history = read_solver_state_hdf5(state_path)
-        self._apply_restored(state_path, learned, [torch.from_numpy(a) for a in history],
-                             iteration, step)
-
-    def _apply_restored(self, state_path: str, learned: Optional[str], history: List[Tensor],
-                        iteration: int, current_step: int) -> None:
+    def _apply_restored(self, state_path: str, state: SolverState) -> None:
         """What every state format restores: the weights file it names (looked up like
         Caffe, then next to the state), the history, the iteration and the step counter."""
-        if learned:
-            self.net.load_weights(self._learned_net_path(state_path, learned))
-        self._load_history(history, state_path)
-        self.iter = iteration
-        self.current_step = current_step
+        if state.learned_net:
+            self.net.load_weights(self._learned_net_path(state_path, state.learned_net))
+        self._load_history(state.history, state_path)
+        self.iter = state.iter
+        self.current_step = state.current_step
 
 
 def get_solver(solver: SolverSource, **kw) -> Solver:

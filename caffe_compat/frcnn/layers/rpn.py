@@ -10,8 +10,12 @@ names to the classes below, so its prototxts run without importing its code:
 * :class:`ProposalTargetLayer` ('roi-data'): samples proposals (plus ground truth) into
   foreground/background RoIs with class-specific regression targets.
 
-Like the originals they read the global :data:`caffe_compat.config.cfg` at forward time,
-produce no gradients, and use the ``+1`` box convention of :mod:`caffe_compat.boxes`.
+Unlike the originals, which read the global config at every forward, each layer reads
+the config keys it uses once, when the net is built (:func:`caffe_compat.frcnn.config.build_cfg`:
+the net's ``context={"frcnn_cfg": c}``, else the global ``cfg`` as it is then) into a frozen
+options object (detectron2's ``from_config``), so nets built with different configs
+coexist in one process.  Like the originals they produce no gradients and use the ``+1``
+box convention (:mod:`caffe_compat.boxes`, :mod:`caffe_compat.frcnn.boxes`).
 Everything stays on the bottoms' device.  Random subsampling draws from a torch generator
 (:meth:`_Sampler.seed` for a per-layer stream, else torch's global RNG), so it matches the
 originals' distribution and counts, not numpy's random stream.
@@ -19,19 +23,22 @@ originals' distribution and counts, not numpy's random stream.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from caffe_compat import config
-from caffe_compat.boxes import (bbox_overlaps, bbox_transform, bbox_transform_inv, clip_boxes,
-                                filter_boxes, generate_anchors, nms, shifted_anchors)
+from caffe_compat.boxes import bbox_overlaps, nms
 from caffe_compat.errors import DataError, SchemaError, ShapeError
+from caffe_compat.frcnn.boxes import (bbox_transform, bbox_transform_inv, clip_boxes, filter_boxes,
+                                      generate_anchors, shifted_anchors)
+from caffe_compat.frcnn.config import AttrDict, build_cfg, parse_param_str
 from caffe_compat.layers.base import Layer, Shape
 from caffe_compat.layers.registry import register_python
 
-__all__ = ["AnchorTargetLayer", "ProposalLayer", "ProposalTargetLayer"]
+__all__ = ["AnchorTargetLayer", "ProposalLayer", "ProposalTargetLayer", "AnchorTargetOptions",
+           "ProposalOptions", "ProposalTargetOptions"]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -57,8 +64,7 @@ class _AnchorMixin:
     _PARAM_KEYS: Tuple[str, ...] = ("feat_stride", "scales", "ratios")
 
     def _read_anchor_params(self, param) -> Dict[str, Any]:
-        p = config.parse_param_str(_param_str(param), self.name, self._PARAM_KEYS,
-                                   required=("feat_stride",))
+        p = parse_param_str(_param_str(param), self.name, self._PARAM_KEYS, required=("feat_stride",))
         stride = p["feat_stride"]
         if not _is_number(stride) or stride <= 0:
             raise SchemaError(f"param_str 'feat_stride' must be a positive number, got {stride!r}",
@@ -171,11 +177,84 @@ def _check_gt(layer: Layer, gt: Tensor, min_cols: int) -> None:
                                       f"got {tuple(gt.shape)}")
 
 
-def _four(values: Sequence[float], key: str) -> Tuple[float, float, float, float]:
+def _four(values: Sequence[float], key: str, layer: str) -> Tuple[float, float, float, float]:
     vals = tuple(float(v) for v in values)
     if len(vals) != 4:
-        raise SchemaError(f"config key '{key}' must hold 4 numbers, got {values!r}")
+        raise SchemaError(f"config key '{key}' must hold 4 numbers, got {values!r}", layer=layer)
     return vals  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- build-time options
+@dataclass(frozen=True)
+class AnchorTargetOptions:
+    """The ``cfg.TRAIN.RPN_*`` keys :class:`AnchorTargetLayer` uses, read when it is built."""
+
+    negative_overlap: float
+    positive_overlap: float
+    clobber_positives: bool
+    fg_fraction: float
+    batch_size: int
+    bbox_inside_weights: Tuple[float, float, float, float]
+    positive_weight: float          # < 0: uniform 1 / #labelled
+
+    @classmethod
+    def from_config(cls, c: AttrDict, layer: str = "") -> "AnchorTargetOptions":
+        t = c.TRAIN
+        p = float(t.RPN_POSITIVE_WEIGHT)
+        if not p < 0 and not 0 < p < 1:
+            raise SchemaError(f"cfg.TRAIN.RPN_POSITIVE_WEIGHT must be in (0, 1) or negative, got {p}",
+                              layer=layer)
+        return cls(negative_overlap=float(t.RPN_NEGATIVE_OVERLAP),
+                   positive_overlap=float(t.RPN_POSITIVE_OVERLAP),
+                   clobber_positives=bool(t.RPN_CLOBBER_POSITIVES),
+                   fg_fraction=float(t.RPN_FG_FRACTION), batch_size=int(t.RPN_BATCHSIZE),
+                   bbox_inside_weights=_four(t.RPN_BBOX_INSIDE_WEIGHTS, "TRAIN.RPN_BBOX_INSIDE_WEIGHTS",
+                                             layer),
+                   positive_weight=p)
+
+
+@dataclass(frozen=True)
+class ProposalOptions:
+    """The ``cfg.<phase>.RPN_*`` keys :class:`ProposalLayer` uses (the section of the net's
+    phase), read when it is built."""
+
+    pre_nms_top_n: int              # <= 0: keep all
+    post_nms_top_n: int             # <= 0: keep all
+    nms_thresh: float
+    min_size: float
+
+    @classmethod
+    def from_config(cls, c: AttrDict, phase: str) -> "ProposalOptions":
+        s = c[phase]
+        return cls(pre_nms_top_n=int(s.RPN_PRE_NMS_TOP_N), post_nms_top_n=int(s.RPN_POST_NMS_TOP_N),
+                   nms_thresh=float(s.RPN_NMS_THRESH), min_size=float(s.RPN_MIN_SIZE))
+
+
+@dataclass(frozen=True)
+class ProposalTargetOptions:
+    """The ``cfg.TRAIN`` keys :class:`ProposalTargetLayer` uses, read when it is built."""
+
+    batch_size: int
+    fg_fraction: float
+    fg_thresh: float
+    bg_thresh_hi: float
+    bg_thresh_lo: float
+    bbox_inside_weights: Tuple[float, float, float, float]
+    #: (means, stds) when ``BBOX_NORMALIZE_TARGETS_PRECOMPUTED``, else None
+    normalize: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]
+
+    @classmethod
+    def from_config(cls, c: AttrDict, layer: str = "") -> "ProposalTargetOptions":
+        t = c.TRAIN
+        normalize = None
+        if t.BBOX_NORMALIZE_TARGETS_PRECOMPUTED:
+            normalize = (_four(t.BBOX_NORMALIZE_MEANS, "TRAIN.BBOX_NORMALIZE_MEANS", layer),
+                         _four(t.BBOX_NORMALIZE_STDS, "TRAIN.BBOX_NORMALIZE_STDS", layer))
+        return cls(batch_size=int(t.BATCH_SIZE), fg_fraction=float(t.FG_FRACTION),
+                   fg_thresh=float(t.FG_THRESH), bg_thresh_hi=float(t.BG_THRESH_HI),
+                   bg_thresh_lo=float(t.BG_THRESH_LO),
+                   bbox_inside_weights=_four(t.BBOX_INSIDE_WEIGHTS, "TRAIN.BBOX_INSIDE_WEIGHTS", layer),
+                   normalize=normalize)
 
 
 # ---------------------------------------------------------------------------- AnchorTarget
@@ -218,6 +297,8 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
         if not _is_number(border):
             raise self.error(SchemaError, f"param_str 'allowed_border' must be a number, got {border!r}")
         self.allowed_border = border
+        #: the config keys it uses, read once now
+        self.opts = AnchorTargetOptions.from_config(build_cfg(ctx), self.name)
         self._init_sampler()
         _check_single_image(self, bottom_shapes[0], "rpn_cls_score")
         _check_im_info(self, bottom_shapes[2])
@@ -237,7 +318,7 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
     def _forward(self, score: Tensor, gt: Tensor, im_info: Tensor):
         _check_single_image(self, tuple(score.shape), "rpn_cls_score")
         _check_gt(self, gt, 4)
-        c = config.cfg.TRAIN
+        c = self.opts
         dev, out_dtype = score.device, score.dtype
         height, width = int(score.shape[-2]), int(score.shape[-1])
         A = self.num_anchors
@@ -266,40 +347,36 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
             best_for_gt = torch.zeros(n, dtype=torch.bool, device=dev)
             targets = torch.zeros((n, 4), dtype=torch.float64, device=dev)
 
-        neg = inside & (max_ov < c.RPN_NEGATIVE_OVERLAP)
-        pos = inside & (best_for_gt | (max_ov >= c.RPN_POSITIVE_OVERLAP))
+        neg = inside & (max_ov < c.negative_overlap)
+        pos = inside & (best_for_gt | (max_ov >= c.positive_overlap))
         labels = torch.full((n,), -1, dtype=torch.int8, device=dev)
         one = torch.ones_like(labels)
         zero = torch.zeros_like(labels)
-        if c.RPN_CLOBBER_POSITIVES:
+        if c.clobber_positives:
             labels = torch.where(neg, zero, torch.where(pos, one, labels))
         else:
             labels = torch.where(pos, one, torch.where(neg, zero, labels))
 
         # subsample: at most num_fg positives, then fill the batch with negatives
-        num_fg = int(c.RPN_FG_FRACTION * c.RPN_BATCHSIZE)
+        num_fg = int(c.fg_fraction * c.batch_size)
         fg = labels == 1
         keep_fg = self._random_subset(fg, torch.tensor(num_fg, device=dev))
         labels = torch.where(fg & ~keep_fg, -one, labels)
-        num_bg = (c.RPN_BATCHSIZE - (labels == 1).sum()).clamp(min=0)
+        num_bg = (c.batch_size - (labels == 1).sum()).clamp(min=0)
         bg = labels == 0
         keep_bg = self._random_subset(bg, num_bg)
         labels = torch.where(bg & ~keep_bg, -one, labels)
 
         fg = labels == 1
         bg = labels == 0
-        inside_w = torch.tensor(_four(c.RPN_BBOX_INSIDE_WEIGHTS, "TRAIN.RPN_BBOX_INSIDE_WEIGHTS"),
-                                dtype=torch.float64, device=dev)
+        inside_w = torch.tensor(c.bbox_inside_weights, dtype=torch.float64, device=dev)
         zeros4 = torch.zeros((n, 4), dtype=torch.float64, device=dev)
         bbox_inside = torch.where(fg[:, None], inside_w.expand(n, 4), zeros4)
-        p = c.RPN_POSITIVE_WEIGHT
+        p = c.positive_weight
         if p < 0:
             num_examples = (labels >= 0).sum().clamp(min=1).to(torch.float64)
             pos_w = neg_w = 1.0 / num_examples
         else:
-            if not 0 < p < 1:
-                raise self.error(SchemaError, f"cfg.TRAIN.RPN_POSITIVE_WEIGHT must be in (0, 1) "
-                                              f"or negative, got {p}")
             pos_w = p / fg.sum().clamp(min=1).to(torch.float64)
             neg_w = (1.0 - p) / bg.sum().clamp(min=1).to(torch.float64)
         bbox_outside = torch.where(fg[:, None], pos_w.expand(n, 4),
@@ -340,6 +417,8 @@ class ProposalLayer(_AnchorMixin, Layer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx) -> None:
         super().__init__(param, bottom_shapes, ctx)
         self._read_anchor_params(param)
+        #: the config keys of the net's phase it uses, read once now
+        self.opts = ProposalOptions.from_config(build_cfg(ctx), self.phase)
         self._check_shapes(bottom_shapes)
 
     def _check_shapes(self, shapes: Sequence[Shape]) -> None:
@@ -366,8 +445,8 @@ class ProposalLayer(_AnchorMixin, Layer):
 
     def _forward(self, cls_prob: Tensor, bbox_pred: Tensor, im_info: Tensor) -> Tuple[Tensor, Tensor]:
         self._check_shapes([tuple(cls_prob.shape), tuple(bbox_pred.shape), tuple(im_info.shape)])
-        c = config.cfg[self.phase]
-        pre_n, post_n = int(c.RPN_PRE_NMS_TOP_N), int(c.RPN_POST_NMS_TOP_N)
+        c = self.opts
+        pre_n, post_n = c.pre_nms_top_n, c.post_nms_top_n
         A = self.num_anchors
         dtype, dev = bbox_pred.dtype, bbox_pred.device
         height, width = int(cls_prob.shape[-2]), int(cls_prob.shape[-1])
@@ -379,7 +458,7 @@ class ProposalLayer(_AnchorMixin, Layer):
 
         proposals = bbox_transform_inv(anchors, deltas)
         proposals = clip_boxes(proposals, info[:2])
-        keep = filter_boxes(proposals, c.RPN_MIN_SIZE * info[2])
+        keep = filter_boxes(proposals, c.min_size * info[2])
         proposals, scores = proposals[keep], scores[keep]
 
         order = torch.sort(scores, descending=True, stable=True).indices
@@ -387,7 +466,7 @@ class ProposalLayer(_AnchorMixin, Layer):
             order = order[:pre_n]
         proposals, scores = proposals[order], scores[order]
 
-        keep = nms(proposals, scores, float(c.RPN_NMS_THRESH))
+        keep = nms(proposals, scores, c.nms_thresh)
         if post_n > 0:
             keep = keep[:post_n]
         proposals, scores = proposals[keep], scores[keep]
@@ -419,13 +498,14 @@ class ProposalTargetLayer(_Sampler, Layer):
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx) -> None:
         super().__init__(param, bottom_shapes, ctx)
-        p = config.parse_param_str(_param_str(param), self.name, ("num_classes",),
-                                   required=("num_classes",))
+        p = parse_param_str(_param_str(param), self.name, ("num_classes",), required=("num_classes",))
         k = p["num_classes"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise self.error(SchemaError, f"param_str 'num_classes' must be a positive integer, "
                                           f"got {k!r}")
         self.num_classes = k
+        #: the config keys it uses, read once now
+        self.opts = ProposalTargetOptions.from_config(build_cfg(ctx), self.name)
         self._init_sampler()
 
     def extra_repr(self) -> str:
@@ -445,7 +525,7 @@ class ProposalTargetLayer(_Sampler, Layer):
             raise self.error(ShapeError, f"rpn_rois must be (R, 5) rows of [0, x1, y1, x2, y2], "
                                          f"got {tuple(rpn_rois.shape)}")
         _check_gt(self, gt, 5)
-        c = config.cfg.TRAIN
+        c = self.opts
         dtype, dev = rpn_rois.dtype, rpn_rois.device
         K = self.num_classes
         g = gt.shape[0]
@@ -457,8 +537,8 @@ class ProposalTargetLayer(_Sampler, Layer):
                                         "row must have batch index 0")
         n = all_rois.shape[0]
 
-        rois_per_image = int(c.BATCH_SIZE) // 1   # one image
-        fg_per_image = round(c.FG_FRACTION * rois_per_image)   # half to even, as np.round
+        rois_per_image = c.batch_size // 1   # one image
+        fg_per_image = round(c.fg_fraction * rois_per_image)   # half to even, as np.round
 
         if g > 0:
             overlaps = bbox_overlaps(all_rois[:, 1:5].to(torch.float64), gt[:, :4].to(torch.float64))
@@ -470,8 +550,8 @@ class ProposalTargetLayer(_Sampler, Layer):
             max_ov = torch.zeros(n, dtype=torch.float64, device=dev)
             labels = torch.zeros(n, dtype=dtype, device=dev)
 
-        fg = max_ov >= c.FG_THRESH
-        bg = (max_ov < c.BG_THRESH_HI) & (max_ov >= c.BG_THRESH_LO)
+        fg = max_ov >= c.fg_thresh
+        bg = (max_ov < c.bg_thresh_hi) & (max_ov >= c.bg_thresh_lo)
         fg_inds = self._random_order(fg)
         fg_inds = fg_inds[: int(min(fg_per_image, fg_inds.shape[0]))]
         n_fg = int(fg_inds.shape[0])
@@ -489,11 +569,9 @@ class ProposalTargetLayer(_Sampler, Layer):
         m = rois.shape[0]
         if g > 0:
             targets = bbox_transform(rois[:, 1:5], gt[assignment[keep], :4])   # bottoms' dtype
-            if c.BBOX_NORMALIZE_TARGETS_PRECOMPUTED:
-                means = torch.tensor(_four(c.BBOX_NORMALIZE_MEANS, "TRAIN.BBOX_NORMALIZE_MEANS"),
-                                     dtype=torch.float64, device=dev)
-                stds = torch.tensor(_four(c.BBOX_NORMALIZE_STDS, "TRAIN.BBOX_NORMALIZE_STDS"),
-                                    dtype=torch.float64, device=dev)
+            if c.normalize is not None:
+                means = torch.tensor(c.normalize[0], dtype=torch.float64, device=dev)
+                stds = torch.tensor(c.normalize[1], dtype=torch.float64, device=dev)
                 targets = (targets.to(torch.float64) - means) / stds
             targets = targets.to(dtype)
         else:
@@ -503,8 +581,7 @@ class ProposalTargetLayer(_Sampler, Layer):
         onehot = (torch.arange(K, device=dev)[None, :] == cls[:, None]) & (cls[:, None] > 0)
         zeros = torch.zeros((m, K, 4), dtype=dtype, device=dev)
         bbox_targets = torch.where(onehot[..., None], targets[:, None, :], zeros).reshape(m, 4 * K)
-        inside_w = torch.tensor(_four(c.BBOX_INSIDE_WEIGHTS, "TRAIN.BBOX_INSIDE_WEIGHTS"),
-                                dtype=dtype, device=dev)
+        inside_w = torch.tensor(c.bbox_inside_weights, dtype=dtype, device=dev)
         bbox_inside = torch.where(onehot[..., None], inside_w.expand(m, K, 4), zeros).reshape(m, 4 * K)
         bbox_outside = (bbox_inside > 0).to(dtype)
         return (rois.contiguous(), labels.contiguous(), bbox_targets.contiguous(),

@@ -1,10 +1,10 @@
 """py-faster-rcnn's configuration object ``cfg`` and its YAML/command-line overrides.
 
-py-faster-rcnn's Python layers (anchor targets, proposals, proposal targets, the RoI data
-layer) read a process-global config at *forward* time, and its tools change that config
-before building nets (``--cfg file.yml``, ``--set KEY VALUE``).  Models trained with it
-only reproduce when every key and default is the same, so this module carries all of
-them, with the original's merge rules:
+py-faster-rcnn's tools change a process-global config before building nets (``--cfg
+file.yml``, ``--set KEY VALUE``), and its Python layers (anchor targets, proposals,
+proposal targets, the RoI data layer) read it.  Models trained with it only reproduce
+when every key and default is the same, so this module carries all of them, with the
+original's merge rules:
 
 * a YAML file may only name existing keys, and each value must have *exactly* the type
   of the default (``0`` for a float key is an error, so is a list for a tuple key; write
@@ -13,9 +13,16 @@ them, with the original's merge rules:
   stay strings) and again demands the default's exact type.
 
 ``cfg`` is one object that is only ever mutated in place, so every module holding
-``from caffe_compat.config import cfg`` sees changes.  Tests and tools that must not leak
-changes use :func:`temporary_cfg` (restores on exit) or :func:`default_cfg` (a fresh,
-independent copy).
+``from caffe_compat.frcnn.config import cfg`` sees changes.  Tests and tools that must not
+leak changes use :func:`temporary_cfg` (restores on exit) or :func:`default_cfg` (a fresh,
+independent copy); the commands use :func:`command_cfg` (``--cfg`` and ``--set``, restored
+when the command ends).
+
+Unlike the originals, the layers read the config once, when the net is built
+(:func:`build_cfg`): from ``Net(..., context={CONTEXT_KEY: c})`` when the caller gives one,
+else from the global ``cfg`` as it is then (legacy scripts call ``cfg_from_file`` before
+``caffe.Net``).  Two nets built with different configs keep theirs, and changing ``cfg``
+after a net is built does not change it.
 
 This module also parses the ``param_str`` of those Python layers (:func:`parse_param_str`):
 a YAML mapping read with a *safe* loader that knows only the ``!!python/tuple`` tag.
@@ -27,7 +34,7 @@ import contextlib
 import copy
 import os
 import os.path as osp
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -37,7 +44,7 @@ from caffe_compat.errors import SchemaError
 __all__ = [
     "AttrDict", "ConfigError", "cfg", "default_cfg", "reset_cfg", "temporary_cfg",
     "cfg_from_file", "cfg_from_list", "merge_cfg", "get_output_dir", "parse_param_str",
-    "yaml_load",
+    "yaml_load", "CONTEXT_KEY", "build_cfg", "override_list", "command_cfg",
 ]
 
 
@@ -88,7 +95,7 @@ class AttrDict(dict):
 
 
 # The project root plays the part of py-faster-rcnn's checkout root (lib/fast_rcnn/../..).
-_ROOT_DIR = osp.abspath(osp.join(osp.dirname(__file__), ".."))
+_ROOT_DIR = osp.abspath(osp.join(osp.dirname(__file__), "..", ".."))
 
 
 def _defaults() -> AttrDict:
@@ -304,6 +311,73 @@ def cfg_from_list(cfg_list: Sequence[Any], into: Optional[AttrDict] = None) -> N
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = v   # a bare string such as 'gt'
         _set_dotted(target, str(k), value)
+
+
+# ---------------------------------------------------------------------------- nets and commands
+#: The key of ``BuildContext.extra`` (``Net(..., context={CONTEXT_KEY: c})``) holding the
+#: config the py-faster-rcnn layers of that net read when they are built.
+CONTEXT_KEY = "frcnn_cfg"
+
+
+def build_cfg(ctx: Any) -> AttrDict:
+    """The config a layer being built reads its keys from (once, in its constructor).
+
+    The net's ``context={CONTEXT_KEY: c}`` when given (an ``AttrDict`` such as ``cfg`` or
+    :func:`default_cfg`'s, or a partial mapping merged onto the defaults with
+    :func:`merge_cfg`'s rules); else the global ``cfg`` as it is at build time.
+    """
+    given = getattr(ctx, "extra", {}).get(CONTEXT_KEY) if ctx is not None else None
+    if given is None:
+        return cfg
+    if isinstance(given, AttrDict):
+        return given
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"context['{CONTEXT_KEY}'] must be a config (AttrDict) or a mapping of "
+                          f"overrides, got {_type_name(given)}")
+    merged = _defaults()
+    merge_cfg(given, merged)
+    return merged
+
+
+def override_list(set_pairs: Sequence[Sequence[str]] = (), extra: Sequence[str] = ()) -> List[str]:
+    """``--set KEY VALUE`` pairs plus the trailing ``KEY VALUE`` words after them, as the
+    flat list :func:`cfg_from_list` takes (py-faster-rcnn's ``--set`` took the rest of
+    the command line)."""
+    items = [str(v) for pair in set_pairs for v in pair]
+    extra = [str(a) for a in extra]
+    if extra:
+        if not set_pairs:
+            raise ConfigError(f"unexpected argument(s): {' '.join(extra)} (config overrides go "
+                              "after --set: --set KEY VALUE [KEY VALUE ...])")
+        bad = [a for a in extra if a.startswith("--")]
+        if bad:
+            raise ConfigError(f"unexpected option {bad[0]} after the --set words; put options "
+                              "before --set or repeat --set for each KEY VALUE")
+        items += extra
+    return items
+
+
+@contextlib.contextmanager
+def command_cfg(cfg_file: Optional[str] = None, set_pairs: Sequence[Sequence[str]] = (),
+                extra: Sequence[str] = (), *, gpu_id: Optional[int] = None) -> Iterator[AttrDict]:
+    """The config of one command, in force for the ``with`` block: the global ``cfg`` plus
+    ``--cfg FILE``, then the ``--set`` overrides (:func:`override_list`), then
+    ``GPU_ID = gpu_id`` for a non-negative ``--gpu``.  Everything is parsed and checked
+    before the block runs, and the global ``cfg`` is restored when it ends (errors
+    included), so nothing a command set leaks into the process.  Every Faster R-CNN
+    command (train, train-alt-opt, rpn-generate, test, detect, reval) goes through it.
+    """
+    items = override_list(set_pairs, extra)
+    with temporary_cfg() as c:
+        if cfg_file:
+            if not osp.isfile(cfg_file):
+                raise ConfigError("config file not found", where=str(cfg_file))
+            cfg_from_file(cfg_file)
+        if items:
+            cfg_from_list(items)
+        if gpu_id is not None and int(gpu_id) >= 0:
+            c.GPU_ID = int(gpu_id)
+        yield c
 
 
 def get_output_dir(imdb: Any, net: Any = None, config: Optional[AttrDict] = None) -> str:

@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from caffe_compat.config import cfg
 from caffe_compat.errors import DataError
-from caffe_compat.datasets.imdb import (Roidb, RoidbEntry, imdb, load_roidb, save_roidb,
-                                        validate_boxes, xyxy_to_xywh)
+from caffe_compat.frcnn.config import cfg
+from caffe_compat.frcnn.datasets.imdb import (Roidb, RoidbEntry, imdb, load_roidb, save_roidb,
+                                              validate_boxes, xyxy_to_xywh)
 
 __all__ = ["coco", "filter_crowd_proposals", "crowd_iou"]
 

@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from caffe_compat.config import cfg
 from caffe_compat.errors import DataError
-from caffe_compat.datasets.imdb import Roidb, RoidbEntry, imdb, load_roidb, save_roidb
-from caffe_compat.datasets import voc_eval as _voc
+from caffe_compat.frcnn.config import cfg
+from caffe_compat.frcnn.datasets import voc_eval as _voc
+from caffe_compat.frcnn.datasets.imdb import Roidb, RoidbEntry, imdb, load_roidb, save_roidb
 
 __all__ = ["pascal_voc", "VOC_CLASSES"]
 

@@ -1,0 +1,434 @@
+"""Caffe's ``caffe train`` on caffe_compat: a solver, its snapshots, signals and progress.
+
+:func:`train_plain` runs a solver prototxt whose nets read their own data layers, as
+``caffe train --solver S [--weights W | --snapshot STATE]`` does: the solver's own
+``max_iter``, ``snapshot`` interval and ``snapshot_prefix``.  Around the solver it adds
+what a training run needs and Caffe's tool had:
+
+* :class:`TrainSolver`: snapshots named ``<prefix>[_<infix>]_iter_<N>`` (in ``output_dir``
+  when given), weights as ``.caffemodel`` and/or ``.safetensors`` (``formats``), and a
+  ``.solverstate`` that also keeps the loss history and a data loader's position, so
+  ``resume=`` continues a run exactly;
+* :func:`stop_on_signals`: SIGINT/SIGTERM write a snapshot of the iteration in progress and
+  stop cleanly (a second signal aborts at once);
+* :class:`~caffe_compat.progress.TrainingMonitor`: Caffe's log lines, a progress bar with an
+  ETA, and the loss curve (PNG and CSV) at the end.
+
+py-faster-rcnn's trainer (:mod:`caffe_compat.frcnn.train`) builds on these: its solver
+adds the ``bbox_pred`` un-normalization of its snapshots, its data comes from a roidb.
+Nothing here knows about it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from caffe_compat.errors import SchemaError, SolverError
+from caffe_compat.progress import TrainingMonitor
+from caffe_compat.protos import caffe_pb2
+from caffe_compat.solver import SnapshotInfo, Solver
+
+__all__ = [
+    "FORMATS", "parse_formats", "load_solver_param", "train_net_param", "resolve_net_paths",
+    "resolve_device", "seed_everything", "read_state_extras", "TrainSolver", "stop_on_signals",
+    "TrainResult", "finish_outputs", "run_training", "train_plain", "EXTRAS_PREFIX",
+]
+
+log = logging.getLogger("caffe_compat.train")
+
+#: snapshot formats and their file extensions
+FORMATS: Dict[str, str] = {"caffemodel": ".caffemodel", "safetensors": ".safetensors"}
+
+#: prefix of caffe-compat's own entries in a ``.solverstate`` (tensors ``frcnn.*``, metadata
+#: key ``frcnn``): the name they have had since the first states were written, kept so
+#: that those states still resume
+EXTRAS_PREFIX = "frcnn"
+
+SolverSource = Union[str, "os.PathLike[str]", "caffe_pb2.SolverParameter"]
+
+
+def parse_formats(fmt: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """``"caffemodel"``, ``"safetensors"``, ``"both"`` or a list of them -> a tuple of formats.
+
+    The first format is the one a snapshot's ``.solverstate`` points at.
+    """
+    items = [fmt] if isinstance(fmt, str) else list(fmt)
+    out: List[str] = []
+    for item in items:
+        for f in str(item).split(","):
+            f = f.strip().lower()
+            if not f:
+                continue
+            names = list(FORMATS) if f == "both" else [f]
+            for n in names:
+                if n not in FORMATS:
+                    raise SchemaError(f"unknown snapshot format '{f}'; allowed: caffemodel, "
+                                      "safetensors, both")
+                if n not in out:
+                    out.append(n)
+    if not out:
+        raise SchemaError("no snapshot format given; allowed: caffemodel, safetensors, both")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------- solvers
+def train_net_param(param: "caffe_pb2.SolverParameter") -> Optional["caffe_pb2.NetParameter"]:
+    """The solver's train net definition (inline, or read from its file), or None when its
+    file does not exist from the current directory."""
+    from caffe_compat.io import read_net_text
+
+    for f in ("train_net_param", "net_param"):
+        if param.HasField(f):
+            return getattr(param, f)
+    for f in ("train_net", "net"):
+        if param.HasField(f):
+            path = getattr(param, f)
+            if os.path.exists(path):
+                return read_net_text(path)
+    return None
+
+
+def load_solver_param(solver: SolverSource) -> "caffe_pb2.SolverParameter":
+    """Read and upgrade a solver definition as :class:`Solver` does (a copy, so callers
+    may change it: the default ``snapshot_prefix`` is the solver file's name)."""
+    p = Solver._read_param(solver)
+    out = caffe_pb2.SolverParameter()
+    out.CopyFrom(p)
+    return out
+
+
+def resolve_net_paths(param: "caffe_pb2.SolverParameter", search_dirs: Sequence[str]) -> List[str]:
+    """Make the solver's net paths that do not exist relative to the current directory
+    point into ``search_dirs`` (same relative path, else same file name).  Returns notes."""
+    notes: List[str] = []
+
+    def fix(path: str) -> str:
+        if os.path.exists(path):
+            return path
+        for d in search_dirs:
+            for cand in (os.path.join(d, path), os.path.join(d, os.path.basename(path))):
+                if os.path.exists(cand):
+                    notes.append(f"net file '{path}' not found from {os.getcwd()}: using {cand}")
+                    return os.path.abspath(cand)
+        return path
+
+    for f in ("train_net", "net"):
+        if param.HasField(f):
+            setattr(param, f, fix(getattr(param, f)))
+    for i, t in enumerate(list(param.test_net)):
+        param.test_net[i] = fix(t)
+    return notes
+
+
+def resolve_device(gpu: Optional[int]) -> Optional[str]:
+    """``--gpu ID`` -> ``"cuda:ID"`` (None or a negative id: the CPU)."""
+    if gpu is None or int(gpu) < 0:
+        return None
+    if not torch.cuda.is_available():
+        raise SolverError(f"--gpu {gpu}: no CUDA device is available here "
+                          "(torch.cuda.is_available() is False); leave --gpu out to train on the CPU")
+    n = torch.cuda.device_count()
+    if int(gpu) >= n:
+        raise SolverError(f"--gpu {gpu}: there {'is' if n == 1 else 'are'} only {n} CUDA "
+                          f"device{'s' if n != 1 else ''} (ids 0..{n - 1})")
+    return f"cuda:{int(gpu)}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed numpy's global generator and torch's (py-faster-rcnn's ``np.random.seed(cfg.RNG_SEED);
+    caffe.set_random_seed(cfg.RNG_SEED)``)."""
+    np.random.seed(int(seed) % (2 ** 32))
+    torch.manual_seed(int(seed))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def read_state_extras(path: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+    """The ``frcnn.*`` tensors and the ``frcnn`` metadata (:data:`EXTRAS_PREFIX`) of a
+    caffe-compat ``.solverstate`` (None for Caffe's binaryproto states).  Reads only those
+    entries, not the history."""
+    from safetensors import safe_open
+
+    from caffe_compat.solver import STATE_FORMAT
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > os.path.getsize(path) - 8 or n < 2:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        return None
+    tensors: Dict[str, torch.Tensor] = {}
+    keys = [k for k in header if k.startswith(EXTRAS_PREFIX + ".")]
+    if keys:
+        with safe_open(path, framework="pt") as st:
+            for k in keys:
+                tensors[k] = st.get_tensor(k)
+    return tensors, json.loads(meta.get(EXTRAS_PREFIX, "{}") or "{}")
+
+
+class TrainSolver(Solver):
+    """A :class:`Solver` whose snapshots are written the way ``caffe-compat train`` writes them.
+
+    * names: ``<output_dir>/<basename(snapshot_prefix)>[_<infix>]_iter_<N><ext>`` (with
+      ``output_dir=None``: Caffe's ``<snapshot_prefix>_iter_<N><ext>``);
+    * ``formats``: ``caffemodel`` and/or ``safetensors`` weights, plus a ``.solverstate``
+      (unless ``save_state=False``); ``snapshot_format: HDF5`` gives Caffe's HDF5 pair;
+    * the ``.solverstate`` also keeps the loss history (``monitor``) and the position of a
+      data ``loader`` with ``state_dict``/``load_state_dict``, which :meth:`restore` puts back.
+
+    Subclasses change what a snapshot holds through two hooks: :meth:`deploy_weights` (the
+    weights as the files should hold them) and :meth:`_state_entries` /
+    :meth:`_restore_entries` (extra entries of the ``.solverstate``).
+    """
+
+    def __init__(self, solver: SolverSource, *, output_dir: Optional[str] = None, infix: str = "",
+                 formats: Sequence[str] = ("caffemodel",), save_state: bool = True, **kw: Any) -> None:
+        super().__init__(solver, **kw)
+        self.output_dir = None if output_dir is None else os.path.abspath(output_dir)
+        self.infix = str(infix or "")
+        self.formats = parse_formats(formats)
+        #: write a .solverstate with every snapshot (needed to resume)
+        self.save_state = bool(save_state)
+        self.loader: Optional[Any] = None
+        self.monitor: Optional[TrainingMonitor] = None
+        #: first-format model file of every snapshot written, in order
+        self.snapshot_paths: List[str] = []
+
+    # ------------------------------------------------------------------ names
+    @property
+    def prefix(self) -> str:
+        """The snapshot path up to ``_iter_N`` (prefix and infix, in the output dir)."""
+        infix = "_" + self.infix if self.infix else ""
+        p = self.param.snapshot_prefix
+        if self.output_dir is not None:
+            return os.path.join(self.output_dir, os.path.basename(p) + infix)
+        return p + infix
+
+    def snapshot_filename(self, extension: str) -> str:
+        return f"{self.prefix}_iter_{self.iter}{extension}"
+
+    # ------------------------------------------------------------------ hooks
+    def deploy_weights(self) -> ContextManager[None]:
+        """Inside the block the net holds the weights the snapshot files get (here: the
+        training weights; py-faster-rcnn's solver un-normalizes ``bbox_pred``)."""
+        return contextlib.nullcontext()
+
+    def _state_entries(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """Extra ``.solverstate`` tensors and metadata: the loss history and the loader's state."""
+        tensors: Dict[str, torch.Tensor] = {}
+        extra: Dict[str, Any] = {}
+        if self.loader is not None and hasattr(self.loader, "state_dict"):
+            extra["loader"] = _jsonable(self.loader.state_dict())
+        if self.monitor is not None and self.monitor.history:
+            tensors[f"{EXTRAS_PREFIX}.history"] = torch.tensor(self.monitor.history, dtype=torch.float64)
+        return tensors, extra
+
+    def _restore_entries(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any],
+                         state_path: str) -> None:
+        """Put back what :meth:`_state_entries` saved (what the state has of it)."""
+        if self.loader is not None and "loader" in meta and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(dict(meta["loader"]))
+        if self.monitor is not None and f"{EXTRAS_PREFIX}.history" in tensors:
+            self.monitor.load_history(tensors[f"{EXTRAS_PREFIX}.history"].tolist())
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> Tuple[str, str]:
+        """Write the weights in every format (as :meth:`deploy_weights` has them) and a
+        .solverstate (``snapshot_format: HDF5``: Caffe's .caffemodel.h5 and .solverstate.h5)."""
+        if self._hdf5_snapshots:
+            model, state = super().snapshot()
+            self.snapshot_paths.append(model)
+            return model, state
+        base = self.snapshot_filename("")
+        folder = os.path.dirname(os.path.abspath(base))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SolverError(f"cannot create the snapshot folder {folder}: {e}") from None
+        models: List[str] = []
+        with self.deploy_weights():
+            for fmt in self.formats:
+                path = base + FORMATS[fmt]
+                log.info("Snapshotting to %s file %s", "binary proto" if fmt == "caffemodel" else fmt,
+                         path)
+                try:
+                    self.net.save_weights(path)
+                except OSError as e:
+                    raise SolverError(f"cannot write snapshot {path}: {e}") from None
+                models.append(path)
+        state = base + ".solverstate"
+        if self.save_state:
+            log.info("Snapshotting solver state to binary proto file %s", state)
+            self._write_state(state, models[0])
+        log.info("Wrote snapshot to: %s", models[0])
+        self._last_snapshot_iter = self.iter
+        self.snapshot_paths.append(models[0])
+        info = SnapshotInfo(self.iter, models[0], state)
+        for cb in self._callbacks["snapshot"]:
+            cb(self, info)
+        return models[0], state
+
+    def _extra_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        """The ``.solverstate``'s own entries (``frcnn.*``, metadata ``frcnn``: see
+        :data:`EXTRAS_PREFIX`), from :meth:`_state_entries`."""
+        tensors, extra = self._state_entries()
+        return tensors, {EXTRAS_PREFIX: json.dumps(extra)}
+
+    def restore(self, state_path: str) -> None:
+        """Restore a snapshot, with the entries :meth:`_state_entries` wrote when it has them."""
+        super().restore(state_path)
+        self._last_snapshot_iter = self.iter
+        got = read_state_extras(os.fspath(state_path))
+        if got is not None:
+            self._restore_entries(got[0], got[1], os.fspath(state_path))
+
+
+# ---------------------------------------------------------------------------- signals
+@dataclass
+class _SignalState:
+    signal: Optional[int] = None
+
+    @property
+    def name(self) -> Optional[str]:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
+
+@contextlib.contextmanager
+def stop_on_signals(solver: Solver, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
+                    ) -> Iterator[_SignalState]:
+    """While inside: the first SIGINT/SIGTERM makes ``solver`` snapshot and stop after the
+    current iteration (``request_stop(snapshot=True)``); a second one aborts at once
+    (``KeyboardInterrupt``).  Previous handlers come back on exit.  Outside the main
+    thread (where Python cannot install handlers) it does nothing."""
+    state = _SignalState()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.signal is not None:
+            raise KeyboardInterrupt
+        state.signal = signum
+        log.warning("%s received: finishing iteration %d, then writing a snapshot and stopping "
+                    "(send it again to abort without a snapshot)", signal.Signals(signum).name,
+                    solver.iter + 1)
+        solver.request_stop(snapshot=True)
+
+    old = {}
+    try:
+        for s in signals:
+            old[s] = signal.signal(s, handler)
+        yield state
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_paths: List[str]                 # every snapshot's first-format weights, in order
+    iterations: int                        # iterations done (the solver's iter at the end)
+    output_dir: str
+    interrupted: bool = False              # stopped early (signal or request_stop)
+    signal: Optional[str] = None           # "SIGINT"/"SIGTERM" when a signal stopped it
+    loss_curve: Optional[str] = None       # PNG
+    loss_csv: Optional[str] = None
+    history: List[Tuple[int, float, float, float]] = field(default_factory=list)
+    solver: Optional[Any] = None           # the TrainSolver (its net holds the training weights)
+
+    @property
+    def final_model(self) -> Optional[str]:
+        return self.model_paths[-1] if self.model_paths else None
+
+
+def finish_outputs(monitor: TrainingMonitor, folder: str, stem: str, title: str
+                   ) -> Tuple[Optional[str], Optional[str]]:
+    """Write the loss curve ``<folder>/<stem>_loss.png`` and ``_loss.csv``; (png, csv) or Nones."""
+    if not monitor.history:
+        return None, None
+    png = os.path.join(folder, stem + "_loss.png")
+    csv_path = os.path.join(folder, stem + "_loss.csv")
+    try:
+        monitor.write_outputs(png, csv_path, title=title)
+    except Exception as e:  # a plot must never cost the trained model
+        log.warning("could not write the loss curve: %s", e)
+        return None, None
+    log.info("Loss curve: %s", png)
+    return png, csv_path
+
+
+def run_training(s: TrainSolver, train: Callable[[], Any], *, max_iter: int, folder: str, stem: str,
+                 resume: Optional[str] = None, progress: bool = True, progress_stream: Any = None,
+                 handle_signals: bool = True) -> TrainResult:
+    """Run ``train()`` (which steps ``s``) the way a training command does: a progress
+    monitor up to ``max_iter`` (its history goes into the snapshots), ``resume`` restored
+    first, SIGINT/SIGTERM snapshot and stop (:func:`stop_on_signals`), and the loss curve
+    written to ``folder/<stem>_loss.*`` at the end, whatever happened."""
+    monitor = TrainingMonitor(int(max_iter), stream=progress_stream, enabled=progress)
+    s.monitor = monitor
+    monitor.attach(s)
+    if resume:
+        log.info("Restoring previous solver status from %s", resume)
+        s.restore(resume)
+    monitor.start = s.iter
+    sig = _SignalState()
+    try:
+        with (stop_on_signals(s) if handle_signals else contextlib.nullcontext(_SignalState())) as sig:
+            train()
+    finally:
+        monitor.close()
+        png, csv_path = finish_outputs(monitor, folder, stem, f"{stem}: training loss")
+    return TrainResult(model_paths=list(s.snapshot_paths), iterations=s.iter, output_dir=folder,
+                       interrupted=bool(s.requested_early_exit), signal=sig.name,
+                       loss_curve=png, loss_csv=csv_path, history=list(monitor.history), solver=s)
+
+
+def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: Optional[str] = None,
+                max_iter: Optional[int] = None, device: Any = None,
+                formats: Sequence[str] = ("caffemodel",), output_dir: Optional[str] = None,
+                progress: bool = True, progress_stream: Any = None,
+                handle_signals: bool = True) -> TrainResult:
+    """``caffe train``: run the solver (its nets read their own data layers) to ``max_iter``
+    (the solver's unless given), snapshotting as the solver says
+    (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given)."""
+    param = load_solver_param(solver)
+    if max_iter is not None:
+        param.max_iter = int(max_iter)
+    s = TrainSolver(param, output_dir=output_dir, formats=formats, device=device, weights=weights)
+    return run_training(s, s.solve, max_iter=int(s.param.max_iter),
+                        folder=output_dir or os.path.dirname(os.path.abspath(s.prefix)),
+                        stem=os.path.basename(s.prefix) or "train", resume=resume, progress=progress,
+                        progress_stream=progress_stream, handle_signals=handle_signals)
