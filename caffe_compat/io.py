@@ -323,14 +323,16 @@ def blob_to_array(blob: "caffe_pb2.BlobProto", *, where: Optional[str] = None,
 def array_to_blob(arr, blob: Optional["caffe_pb2.BlobProto"] = None,
                   *, legacy_dims: bool = False) -> "caffe_pb2.BlobProto":
     """An array as a BlobProto (``shape`` field, or legacy 4-D dims when asked)."""
+    shape = np.shape(arr)  # before ascontiguousarray, which makes a 0-D array 1-D
     a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
     b = blob if blob is not None else caffe_pb2.BlobProto()
     b.Clear()
     if legacy_dims:
-        dims = (1,) * (4 - a.ndim) + a.shape if a.ndim <= 4 else a.shape
+        dims = (1,) * (4 - len(shape)) + tuple(shape) if len(shape) <= 4 else tuple(shape)
         b.num, b.channels, b.height, b.width = (int(d) for d in dims[-4:])
     else:
-        b.shape.dim.extend(int(d) for d in a.shape)
+        b.shape.SetInParent()  # a 0-D blob still says `shape {}`, as Caffe writes it
+        b.shape.dim.extend(int(d) for d in shape)
     b.data.extend(a.ravel().tolist())
     return b
 

@@ -17,8 +17,7 @@ model zoo).  References:
   YOLOv3-tiny (the 1-bottom nearest Upsample); these also check the gradients.
 - Every family: backward runs with a loss_weight on an output; every learnable parameter
   gets a finite, non-zero gradient.
-- 0-axis blobs (ENet's shared PReLU slope and kin): read in Caffe's shape; written in it
-  (a strict xfail: the writer gives them shape (1,) today).
+- 0-axis blobs (ENet's shared PReLU slope and kin): read in Caffe's shape; written in it.
 
 Blob comparison: for every layer, each of its tops against the same layer's output in the
 other tool (in-place tops: the last layer that wrote the blob), within 1e-5 relative to the
@@ -952,9 +951,6 @@ def test_scalar_blobs_load_with_caffe_shape(tmp_path):
             assert b.dim() == 0 and float(b.detach()) == pytest.approx(float(ref.detach()) + 0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="the caffemodel writer turns 0-axis blobs into shape (1,) "
-                                       "(np.ascontiguousarray promotes 0-d arrays): BVLC Caffe's "
-                                       "CopyTrainedLayersFrom refuses that file (shape mismatch)")
 def test_scalar_blobs_written_with_caffe_shape(tmp_path):
     net = Net(SCALAR_BLOBS, phase="test", seed=3)
     path = tmp_path / "ours.caffemodel"

@@ -227,9 +227,10 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
 
 def encode_blob(arr: np.ndarray) -> bytes:
     """A BlobProto (shape + packed float data) for ``arr``, as protobuf would serialize it."""
+    shape = np.shape(arr)  # before ascontiguousarray, which makes a 0-D array 1-D
     a = np.ascontiguousarray(arr, dtype="<f4")
     data = wire.len_field(5, a.tobytes()) if a.size else b""
-    dims = b"".join(wire.encode_varint(int(d)) for d in a.shape)
+    dims = b"".join(wire.encode_varint(int(d)) for d in shape)
     shape = wire.len_field(7, wire.len_field(1, dims) if dims else b"")
     return data + shape
 
