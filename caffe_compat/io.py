@@ -6,6 +6,7 @@ would, so the rest of the project only ever sees V2 ``layer {}`` definitions.
 """
 from __future__ import annotations
 
+import contextvars
 import difflib
 import os
 import re
@@ -194,18 +195,31 @@ def _text_and_name(source: PathOrText, what: str):
     return src, "<string>"
 
 
+#: the fork schema of the innermost ``proto_schema.use_schema`` block (set there; read here,
+#: when a definition is parsed)
+_SCHEMA: "contextvars.ContextVar[Optional[object]]" = contextvars.ContextVar("caffe_compat_schema",
+                                                                           default=None)
+
+
+def active_schema():
+    """The fork schema (``proto_schema.Schema``) of the innermost ``use_schema`` block, or None."""
+    return _SCHEMA.get()
+
+
 def read_net_text(source: PathOrText, *, upgrade: bool = True, schema=None) -> "caffe_pb2.NetParameter":
     """A NetParameter from a prototxt path (or prototxt text), upgraded to the current format.
 
-    ``schema``: a fork's ``caffe.proto`` (path or ``proto_schema.Schema``) whose extra fields
-    the text may use; default: the one of an enclosing ``proto_schema.use_schema`` block."""
-    from caffe_compat.proto_schema import active_schema, as_schema, parse_net_text
-
+    ``schema``: a loaded fork schema (``proto_schema.load_schema``) whose extra fields the text
+    may use; default: the one of an enclosing ``proto_schema.use_schema`` block.  The fork's own
+    fields travel as unknown fields of the union message (a binary round trip through the
+    merged schema's numbers) and come back when a layer's parameters are read with
+    ``schema.LayerParameter`` (see ``Net``)."""
     text, name = _text_and_name(source, "net prototxt")
-    schema = as_schema(schema) or active_schema()
+    schema = schema if schema is not None else active_schema()
     try:
         if schema is not None:
-            net = parse_net_text(text, name, schema)
+            msg = parse_text(text, schema.NetParameter(), name)
+            net = caffe_pb2.NetParameter.FromString(msg.SerializeToString())
         else:
             net = parse_text(text, caffe_pb2.NetParameter(), name)
     except ParseError as e:

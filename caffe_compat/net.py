@@ -92,7 +92,8 @@ class Net(nn.Module):
                  seed: Optional[int] = None, device=None, allow_tf32: bool = False, schema=None,
                  context: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        from caffe_compat.proto_schema import active_schema, as_schema, use_schema
+        from caffe_compat.io import active_schema
+        from caffe_compat.proto_schema import as_schema, use_schema
 
         #: a fork's caffe.proto added to the schema (``schema=PATH``), or None
         self.schema = as_schema(schema) or active_schema()

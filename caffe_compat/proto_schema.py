@@ -16,7 +16,6 @@ not see numbers).  Both are listed in ``Schema.notes``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from caffe_compat import io
 from caffe_compat.errors import ParseError
 
 FDP = descriptor_pb2.FieldDescriptorProto
@@ -250,9 +250,7 @@ def _resolve_types(fdp: descriptor_pb2.FileDescriptorProto, path: str) -> None:
 
 def read_proto(path: str) -> descriptor_pb2.FileDescriptorProto:
     """A ``FileDescriptorProto`` for a proto2 ``.proto`` file (Caffe's dialect)."""
-    from caffe_compat.io import read_text_file
-
-    text = read_text_file(path, what=".proto schema")
+    text = io.read_text_file(path, what=".proto schema")
     fdp = _Reader(_tokens(text, os.fspath(path)), os.fspath(path)).file()
     _resolve_types(fdp, os.fspath(path))
     return fdp
@@ -412,10 +410,6 @@ def load_schema(path: Optional[str]) -> Optional[Schema]:
     return schema
 
 
-_ACTIVE: "contextvars.ContextVar[Optional[Schema]]" = contextvars.ContextVar("caffe_compat_schema",
-                                                                            default=None)
-
-
 def as_schema(schema) -> Optional[Schema]:
     """A :class:`Schema` from a path, a Schema, or None."""
     if schema is None or isinstance(schema, Schema):
@@ -428,27 +422,9 @@ def use_schema(schema):
     """Read net definitions inside this block with ``schema`` (a path or Schema) added.
 
     The CLI's ``--schema`` wraps a command in it; ``Net(..., schema=)`` wraps its own build.
-    Read while parsing and building only, never during a forward."""
-    token = _ACTIVE.set(as_schema(schema) if schema is not None else _ACTIVE.get())
+    ``io.read_net_text`` reads it while parsing, never during a forward."""
+    token = io._SCHEMA.set(as_schema(schema) if schema is not None else io._SCHEMA.get())
     try:
-        yield _ACTIVE.get()
+        yield io._SCHEMA.get()
     finally:
-        _ACTIVE.reset(token)
-
-
-def active_schema() -> Optional[Schema]:
-    """The schema of the innermost :func:`use_schema` block, or None."""
-    return _ACTIVE.get()
-
-
-def parse_net_text(text: str, name: str, schema: Schema):
-    """Parse a prototxt with ``schema``, as a union ``NetParameter``.
-
-    The fork's own fields travel as unknown fields of the union message (binary round trip
-    through the merged schema's numbers) and come back when a layer's parameters are read
-    with ``schema.LayerParameter`` (see ``Net``)."""
-    from caffe_compat.io import parse_text
-    from caffe_compat.protos import caffe_pb2
-
-    msg = parse_text(text, schema.NetParameter(), name)
-    return caffe_pb2.NetParameter.FromString(msg.SerializeToString())
+        io._SCHEMA.reset(token)

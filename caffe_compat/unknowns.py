@@ -13,15 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from caffe_compat.layers.registry import WAYS_FORWARD, is_registered
 from caffe_compat.protos import caffe_pb2
 
 _TOKEN = re.compile(r'''(?P<ws>\s+)|(?P<comment>\#[^\n]*)|(?P<str>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')|(?P<sym>[{}<>:;,\[\]])|(?P<word>[^\s{}<>:;,\[\]"'\#]+)''')
 
-WAYS_FORWARD = (
-    "Ways forward: (1) give the fork's own caffe.proto with schema='fork/caffe.proto' "
-    "(--schema on the command line) so its param blocks parse; (2) register an implementation "
-    "of each missing layer type from your own package: @caffe_compat.register_layer('Type') on a "
-    "caffe_compat.layers.Layer subclass, or an entry point in the 'caffe_compat.layers' group.")
 
 
 @dataclass
@@ -81,8 +77,6 @@ def scan(text: str, root=None, *, check_types: bool = True) -> Unknowns:
     """Unknown fields of ``text`` (a NetParameter by default) and unregistered layer types.
 
     Tolerant by design: it only reports; the real parser still decides what is valid."""
-    from caffe_compat.layers.registry import is_registered
-
     root = root or caffe_pb2.NetParameter.DESCRIPTOR
     out = Unknowns()
     stack: List[Optional[object]] = [root]  # descriptor of each open block (None: skipping)

@@ -2,7 +2,8 @@
 
 The net builder knows nothing about individual layer types; it asks this registry.
 Layer families register themselves with the decorator when ``caffe_compat.layers`` is
-imported::
+imported, which Python does before this module (its package) can be used, so every built-in
+family is registered by the time anything is looked up::
 
     @register("ReLU")
     class ReLU(Layer): ...
@@ -68,6 +69,14 @@ def register_python(*module_layers: str) -> Callable[[T], T]:
 
 ENTRY_POINT_GROUP = "caffe_compat.layers"
 
+#: the two ways to run a model that uses something caffe-compat does not know (every
+#: unknown-type and unknown-field error ends with it)
+WAYS_FORWARD = (
+    "Ways forward: (1) give the fork's own caffe.proto with schema='fork/caffe.proto' "
+    "(--schema on the command line) so its param blocks parse; (2) register an implementation "
+    "of each missing layer type from your own package: @caffe_compat.register_layer('Type') on a "
+    "caffe_compat.layers.Layer subclass, or an entry point in the 'caffe_compat.layers' group.")
+
 #: Python-layer key ('module.layer') -> the module whose import registers its native class.
 PYTHON_PROVIDERS: Mapping[str, str] = {
     "rpn.anchor_target_layer.AnchorTargetLayer": "caffe_compat.frcnn.layers",
@@ -75,10 +84,6 @@ PYTHON_PROVIDERS: Mapping[str, str] = {
     "rpn.proposal_target_layer.ProposalTargetLayer": "caffe_compat.frcnn.layers",
     "roi_data_layer.layer.RoIDataLayer": "caffe_compat.frcnn.layers",
 }
-
-
-def _ensure_loaded() -> None:
-    import caffe_compat.layers  # noqa: F401  (registers every family)
 
 
 def _from_entry_point(type_name: str) -> type | None:
@@ -105,17 +110,14 @@ def _from_entry_point(type_name: str) -> type | None:
 
 def is_registered(type_name: str) -> bool:
     """Whether ``type_name`` has an implementation (built in, registered, or an entry point)."""
-    _ensure_loaded()
     return type_name in _TYPES or _from_entry_point(type_name) is not None
 
 
 def lookup(type_name: str, *, layer: str | None = None) -> type:
     """The class for a Caffe type name; an error names the fork, near matches and the ways forward."""
-    _ensure_loaded()
     cls = _TYPES.get(type_name) or _from_entry_point(type_name)
     if cls is None:
         from caffe_compat.forks import describe_type
-        from caffe_compat.unknowns import WAYS_FORWARD
 
         near = difflib.get_close_matches(type_name, list(_TYPES), n=3, cutoff=0.6)
         near += [t for t in _TYPES if t.lower() == type_name.lower() and t not in near]
@@ -131,20 +133,17 @@ def lookup_python(module_layer: str) -> type | None:
     """The native class for a Python layer 'module.layer', or None (then the shim runs it).
 
     A key of :data:`PYTHON_PROVIDERS` not registered yet imports its provider first."""
-    _ensure_loaded()
     if module_layer not in _PYTHON and module_layer in PYTHON_PROVIDERS:
         importlib.import_module(PYTHON_PROVIDERS[module_layer])
     return _PYTHON.get(module_layer)
 
 
 def registered_types() -> list[str]:
-    _ensure_loaded()
     return sorted(_TYPES)
 
 
 def registered_python_layers() -> list[str]:
     """Every Python-layer key with a native class (imports the lazy providers)."""
-    _ensure_loaded()
     for module in sorted(set(PYTHON_PROVIDERS.values())):
         importlib.import_module(module)
     return sorted(_PYTHON)

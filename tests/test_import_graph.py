@@ -24,17 +24,6 @@ from conftest import ROOT
 #: and the way out.  The test ignores these edges and requires the rest of the graph to be
 #: acyclic.  Keep it short: break a cycle rather than add a line here.
 KNOWN_BACK_EDGES: Dict[Tuple[str, str], str] = {
-    ("caffe_compat.layers.registry", "caffe_compat.layers"):
-        "registry <-> every layer family: lookup() imports the layers package on first use so "
-        "that the built-in families register themselves, and each family imports the registry "
-        "to register. Way out: whoever builds a net imports the families (onnx2torch's shape).",
-    ("caffe_compat.layers.registry", "caffe_compat.unknowns"):
-        "registry <-> unknowns: lookup()'s error text takes unknowns.WAYS_FORWARD, unknowns.scan "
-        "asks the registry which types exist. Way out: the text moves to the registry (or errors).",
-    ("caffe_compat.proto_schema", "caffe_compat.io"):
-        "io <-> proto_schema: io.read_net_text parses with a fork's schema, proto_schema reads "
-        "its .proto files and prototxt with io's helpers. Way out: the text-file helpers "
-        "(read_text_file, parse_text) move below both.",
 }
 
 Edge = Tuple[str, str]
