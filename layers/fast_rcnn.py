@@ -252,17 +252,54 @@ def roi_pooling(x: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_s
     return _ROIPool.apply(x, rois, int(pooled_h), int(pooled_w), float(spatial_scale), backend)
 
 
+class ROILayer(Layer):
+    """What the ROI layers (ROIPooling, ROIAlign, PSROIPooling) share: bottoms features
+    (N, C, H, W) and ROIs (R, 5) -- or any (R, ...) blob of 5 values per row,
+    ``[batch, x1, y1, x2, y2]`` -- and a top of R rows.
+
+    Subclasses give ``_top_shape`` and may add feature checks in ``_check_features``."""
+
+    exact_bottoms = 2
+    exact_tops = 1
+    #: what bottom 0 holds, for messages
+    feature_kind = "features"
+
+    def _check_features(self, feat: Shape) -> None:
+        """Checks of bottom 0 beyond being 4-D (none by default)."""
+
+    def _top_shape(self, feat: Shape, rois: Shape) -> Shape:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, feat: Shape, rois: Shape) -> None:
+        if len(feat) != 4:
+            raise self.error(ShapeError, f"bottom[0] ({self.feature_kind}) must be 4-D "
+                                         f"(N, C, H, W), got {feat}")
+        self._check_features(feat)
+        if len(rois) == 0 or math.prod(rois[1:]) != 5:
+            raise self.error(ShapeError, f"bottom[1] (ROIs) must hold 5 values per ROI "
+                                         f"[batch, x1, y1, x2, y2], e.g. (R, 5); got {rois}")
+
+    def infer_top_shapes(self, bottom_shapes, bottom_dtypes=None) -> List[Shape]:
+        feat, rois = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
+        self._check(feat, rois)
+        return [self._top_shape(feat, rois)]
+
+    def _rois(self, x: Tensor, rois: Tensor) -> Tensor:
+        """The ROIs as (R, 5), after the shape checks and the batch-index check."""
+        self._check(tuple(x.shape), tuple(rois.shape))
+        rois2 = rois.reshape(rois.shape[0], 5)
+        _check_rois(rois2, x.shape[0], layer=self.name)
+        return rois2
+
+
 @register("ROIPooling")
-class ROIPooling(Layer):
+class ROIPooling(ROILayer):
     """Fast R-CNN ROI max pooling (``roi_pooling_param { pooled_h pooled_w spatial_scale }``).
 
     Bottoms: features (N, C, H, W) and ROIs (R, 5) (or any (R, ...) blob of 5 values per
     row).  Top (R, C, pooled_h, pooled_w).  The fork's ``max_idx_`` blob is kept as
     ``self.argmax`` after each forward (internal, not a top).
     """
-
-    exact_bottoms = 2
-    exact_tops = 1
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
@@ -276,22 +313,11 @@ class ROIPooling(Layer):
         self.argmax: Optional[Tensor] = None
         self._check(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
 
-    def _check(self, feat: Shape, rois: Shape) -> None:
-        if len(feat) != 4:
-            raise self.error(ShapeError, f"bottom[0] (features) must be 4-D (N, C, H, W), got {feat}")
-        if len(rois) == 0 or math.prod(rois[1:]) != 5:
-            raise self.error(ShapeError, f"bottom[1] (ROIs) must hold 5 values per ROI "
-                                         f"[batch, x1, y1, x2, y2], e.g. (R, 5); got {rois}")
-
-    def infer_top_shapes(self, bottom_shapes, bottom_dtypes=None) -> List[Shape]:
-        feat, rois = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
-        self._check(feat, rois)
-        return [(int(rois[0]), int(feat[1]), self.pooled_h, self.pooled_w)]
+    def _top_shape(self, feat: Shape, rois: Shape) -> Shape:
+        return (int(rois[0]), int(feat[1]), self.pooled_h, self.pooled_w)
 
     def forward(self, x: Tensor, rois: Tensor) -> Tuple[Tensor]:
-        self._check(tuple(x.shape), tuple(rois.shape))
-        rois2 = rois.reshape(rois.shape[0], 5)
-        _check_rois(rois2, x.shape[0], layer=self.name)
+        rois2 = self._rois(x, rois)
         out, arg = _ROIPool.apply(x, rois2, self.pooled_h, self.pooled_w, self.spatial_scale, None)
         self.argmax = arg
         return (out,)

@@ -31,7 +31,7 @@ and right of it.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from caffe_compat.errors import SchemaError, ShapeError
 from caffe_compat.layers.base import Layer, Shape
-from caffe_compat.layers.fast_rcnn import _c_round, _check_rois
+from caffe_compat.layers.fast_rcnn import ROILayer, _c_round, _check_rois
 from caffe_compat.layers.registry import register
 
 __all__ = ["PSROIPooling", "psroi_pooling", "psroi_bins"]
@@ -220,7 +220,7 @@ def psroi_pooling(x: Tensor, rois: Tensor, spatial_scale: float, output_dim: int
 
 
 @register("PSROIPooling")
-class PSROIPooling(Layer):
+class PSROIPooling(ROILayer):
     """R-FCN's PSROIPooling layer (see the module docstring for the exact semantics).
 
     Bottoms: score maps (N, output_dim * group_size^2, H, W) and ROIs (R, 5) (any (R, ...)
@@ -228,8 +228,7 @@ class PSROIPooling(Layer):
     internal ``mapping_channel_`` blob is not kept (it is ``(d * G + i) * G + j``).
     """
 
-    exact_bottoms = 2
-    exact_tops = 1
+    feature_kind = "score maps"
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
@@ -246,28 +245,18 @@ class PSROIPooling(Layer):
         self.group_size = int(p.group_size)
         self._check(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
 
-    def _check(self, feat: Shape, rois: Shape) -> None:
-        if len(feat) != 4:
-            raise self.error(ShapeError, f"bottom[0] (score maps) must be 4-D (N, C, H, W), "
-                                         f"got {feat}")
+    def _check_features(self, feat: Shape) -> None:
         need = self.output_dim * self.group_size * self.group_size
         if feat[1] != need:
             raise self.error(ShapeError, f"bottom[0] has {feat[1]} channels; output_dim "
                                          f"{self.output_dim} x group_size^2 "
                                          f"{self.group_size ** 2} needs {need}")
-        if len(rois) == 0 or math.prod(rois[1:]) != 5:
-            raise self.error(ShapeError, f"bottom[1] (ROIs) must hold 5 values per ROI "
-                                         f"[batch, x1, y1, x2, y2], e.g. (R, 5); got {rois}")
 
-    def infer_top_shapes(self, bottom_shapes, bottom_dtypes=None) -> List[Shape]:
-        feat, rois = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
-        self._check(feat, rois)
-        return [(int(rois[0]), self.output_dim, self.group_size, self.group_size)]
+    def _top_shape(self, feat: Shape, rois: Shape) -> Shape:
+        return (int(rois[0]), self.output_dim, self.group_size, self.group_size)
 
     def forward(self, x: Tensor, rois: Tensor) -> Tuple[Tensor]:
-        self._check(tuple(x.shape), tuple(rois.shape))
-        rois2 = rois.reshape(rois.shape[0], 5)
-        _check_rois(rois2, x.shape[0], layer=self.name)
+        rois2 = self._rois(x, rois)
         return (_PSROIPool.apply(x, rois2, self.spatial_scale, self.output_dim,
                                  self.group_size),)
 

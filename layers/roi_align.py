@@ -34,7 +34,7 @@ row or column, where the kernel confines it to the samples that touch it.)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from caffe_compat.errors import SchemaError, ShapeError
 from caffe_compat.layers.base import Layer, Shape
-from caffe_compat.layers.fast_rcnn import _check_rois, _torchvision_available
+from caffe_compat.layers.fast_rcnn import ROILayer, _check_rois, _torchvision_available
 from caffe_compat.layers.registry import register
 
 __all__ = ["ROIAlign", "roi_align"]
@@ -151,15 +151,12 @@ def roi_align(x: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_sca
 
 
 @register("ROIAlign")
-class ROIAlign(Layer):
+class ROIAlign(ROILayer):
     """``ROIAlign`` with ``roi_align_param { pooled_h pooled_w spatial_scale sampling_ratio }``.
 
     Bottoms: features (N, C, H, W) and ROIs (R, 5) (any (R, ...) blob of 5 values per
     row).  Top (R, C, pooled_h, pooled_w).  See the module docstring for the semantics.
     """
-
-    exact_bottoms = 2
-    exact_tops = 1
 
     def __init__(self, param, bottom_shapes, ctx):
         super().__init__(param, bottom_shapes, ctx)
@@ -177,25 +174,15 @@ class ROIAlign(Layer):
         self.sampling_ratio = int(math.trunc(ratio))  # float in the schema, int in the kernel
         self._check(tuple(bottom_shapes[0]), tuple(bottom_shapes[1]))
 
-    def _check(self, feat: Shape, rois: Shape) -> None:
-        if len(feat) != 4:
-            raise self.error(ShapeError, f"bottom[0] (features) must be 4-D (N, C, H, W), "
-                                         f"got {feat}")
+    def _check_features(self, feat: Shape) -> None:
         if feat[2] <= 0 or feat[3] <= 0:
             raise self.error(ShapeError, f"bottom[0] (features) has an empty map: {feat}")
-        if len(rois) == 0 or math.prod(rois[1:]) != 5:
-            raise self.error(ShapeError, f"bottom[1] (ROIs) must hold 5 values per ROI "
-                                         f"[batch, x1, y1, x2, y2], e.g. (R, 5); got {rois}")
 
-    def infer_top_shapes(self, bottom_shapes, bottom_dtypes=None) -> List[Shape]:
-        feat, rois = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
-        self._check(feat, rois)
-        return [(int(rois[0]), int(feat[1]), self.pooled_h, self.pooled_w)]
+    def _top_shape(self, feat: Shape, rois: Shape) -> Shape:
+        return (int(rois[0]), int(feat[1]), self.pooled_h, self.pooled_w)
 
     def forward(self, x: Tensor, rois: Tensor) -> Tuple[Tensor]:
-        self._check(tuple(x.shape), tuple(rois.shape))
-        rois2 = rois.reshape(rois.shape[0], 5)
-        _check_rois(rois2, x.shape[0], layer=self.name)
+        rois2 = self._rois(x, rois)
         return (roi_align(x, rois2, self.pooled_h, self.pooled_w, self.spatial_scale,
                           self.sampling_ratio),)
 
