@@ -30,6 +30,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# the suite without the end-to-end trainings marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
 demo: $(STAMP)
 	$(BIN)/python -m caffe_compat.frcnn.demo
 

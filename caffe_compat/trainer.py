@@ -14,9 +14,13 @@ what a training run needs and Caffe's tool had:
 * :class:`~caffe_compat.progress.TrainingMonitor`: Caffe's log lines, a progress bar with an
   ETA, and the loss curve (PNG and CSV) at the end.
 
-py-faster-rcnn's trainer (:mod:`caffe_compat.frcnn.train`) builds on these: its solver
-adds the ``bbox_pred`` un-normalization of its snapshots, its data comes from a roidb.
-Nothing here knows about it.
+The loop is :class:`TrainerBase` (detectron2's shape: a solver, the iteration loop and
+hooks called before training, after each step and after training); a run is that
+trainer with :func:`default_hooks` -- :class:`ProgressHook` (log, progress, loss curve),
+:class:`ResumeHook` and :class:`SignalHook`.  py-faster-rcnn's trainer
+(:mod:`caffe_compat.frcnn.train`) is the same trainer plus its data hook (roidb feeding)
+and :class:`PeriodicSnapshotHook`; its solver un-normalizes ``bbox_pred`` in snapshots
+(:meth:`TrainSolver.deploy_weights`).  Nothing here knows about it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import signal
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,8 +44,9 @@ from caffe_compat.solver import SnapshotInfo, Solver
 
 __all__ = [
     "FORMATS", "parse_formats", "load_solver_param", "train_net_param", "resolve_net_paths",
-    "resolve_device", "seed_everything", "read_state_extras", "TrainSolver", "stop_on_signals",
-    "TrainResult", "finish_outputs", "run_training", "train_plain", "EXTRAS_PREFIX",
+    "seed_everything", "read_state_extras", "TrainSolver", "stop_on_signals", "TrainResult",
+    "finish_outputs", "HookBase", "TrainerBase", "ProgressHook", "ResumeHook", "SignalHook",
+    "PeriodicSnapshotHook", "default_hooks", "run_trainer", "train_plain", "EXTRAS_PREFIX",
 ]
 
 log = logging.getLogger("caffe_compat.train")
@@ -128,20 +133,6 @@ def resolve_net_paths(param: "caffe_pb2.SolverParameter", search_dirs: Sequence[
     for i, t in enumerate(list(param.test_net)):
         param.test_net[i] = fix(t)
     return notes
-
-
-def resolve_device(gpu: Optional[int]) -> Optional[str]:
-    """``--gpu ID`` -> ``"cuda:ID"`` (None or a negative id: the CPU)."""
-    if gpu is None or int(gpu) < 0:
-        return None
-    if not torch.cuda.is_available():
-        raise SolverError(f"--gpu {gpu}: no CUDA device is available here "
-                          "(torch.cuda.is_available() is False); leave --gpu out to train on the CPU")
-    n = torch.cuda.device_count()
-    if int(gpu) >= n:
-        raise SolverError(f"--gpu {gpu}: there {'is' if n == 1 else 'are'} only {n} CUDA "
-                          f"device{'s' if n != 1 else ''} (ids 0..{n - 1})")
-    return f"cuda:{int(gpu)}"
 
 
 def seed_everything(seed: int) -> None:
@@ -390,30 +381,202 @@ def finish_outputs(monitor: TrainingMonitor, folder: str, stem: str, title: str
     return png, csv_path
 
 
-def run_training(s: TrainSolver, train: Callable[[], Any], *, max_iter: int, folder: str, stem: str,
-                 resume: Optional[str] = None, progress: bool = True, progress_stream: Any = None,
-                 handle_signals: bool = True) -> TrainResult:
-    """Run ``train()`` (which steps ``s``) the way a training command does: a progress
-    monitor up to ``max_iter`` (its history goes into the snapshots), ``resume`` restored
-    first, SIGINT/SIGTERM snapshot and stop (:func:`stop_on_signals`), and the loss curve
-    written to ``folder/<stem>_loss.*`` at the end, whatever happened."""
-    monitor = TrainingMonitor(int(max_iter), stream=progress_stream, enabled=progress)
-    s.monitor = monitor
-    monitor.attach(s)
+# ---------------------------------------------------------------------------- trainer, hooks
+class HookBase:
+    """A piece of a training run (detectron2's ``HookBase``).
+
+    :meth:`before_train` hooks run in registration order before the first iteration;
+    :meth:`after_step` after every iteration's update (the solver's ``iteration``
+    callback, once the update is applied and before its snapshot); :meth:`after_train` in
+    *reverse* order when the run ends, whatever happened (like nested ``with`` blocks: a
+    hook's ``after_train`` sees the hooks registered before it still in place), and only
+    for hooks whose ``before_train`` ran.
+
+    There is no ``before_step``: Caffe's ``Solver::Step`` owns the iteration loop (and
+    restarts its smoothed loss on every call), so driving it one step at a time would
+    change the logged loss; per-iteration input is pulled by the net's data layer instead
+    (:class:`~caffe_compat.frcnn.train.RoidbDataHook`).
+    """
+
+    trainer: "TrainerBase"
+
+    def before_train(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+
+class TrainerBase:
+    """A solver, its hooks and the iteration loop (detectron2's ``TrainerBase``).
+
+    The loop is Caffe's: :meth:`run_steps` is ``Solver::Solve`` (``max_iter=None``: the
+    solver's own ``max_iter``, final snapshot and tests) or ``Solver::Step`` up to
+    ``max_iter`` (py-faster-rcnn's ``train_model``; a hook writes its final snapshot).
+    ``completed`` is True once the loop returned without an exception.
+    """
+
+    def __init__(self, solver: TrainSolver, hooks: Sequence[HookBase] = (), *,
+                 max_iter: Optional[int] = None) -> None:
+        self.solver = solver
+        self.max_iter = None if max_iter is None else int(max_iter)
+        self.hooks: List[HookBase] = []
+        self.completed = False
+        self._attached = False
+        self.register_hooks(hooks)
+
+    @property
+    def net(self) -> Any:
+        return self.solver.net
+
+    @property
+    def iter(self) -> int:
+        return self.solver.iter
+
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    def _after_step(self, solver: Solver, info: Any) -> None:
+        for h in self.hooks:
+            h.after_step()
+
+    def run_steps(self) -> None:
+        """The iteration loop: ``Solver::Solve`` or ``Solver::Step`` to ``max_iter``."""
+        s = self.solver
+        if self.max_iter is None:
+            s.solve()
+            return
+        s.requested_early_exit = False
+        remaining = self.max_iter - s.iter
+        if remaining > 0:
+            s.step(remaining)
+
+    def train(self) -> None:
+        """``before_train`` hooks, the loop, ``after_train`` hooks (always, in reverse)."""
+        self.completed = False
+        with contextlib.ExitStack() as stack:
+            for h in self.hooks:
+                h.before_train()
+                stack.callback(h.after_train)
+            if not self._attached:  # after before_train: the progress monitor's callback first
+                self.solver.add_callback(self._after_step, on="iteration")
+                self._attached = True
+            self.run_steps()
+            self.completed = True
+
+
+class ProgressHook(HookBase):
+    """Caffe's log lines with a progress bar and ETA up to ``max_iter``
+    (:class:`~caffe_compat.progress.TrainingMonitor`, whose history the snapshots keep), and
+    the loss curve ``<folder>/<stem>_loss.png`` and ``.csv`` at the end."""
+
+    def __init__(self, max_iter: int, folder: str, stem: str, *, enabled: bool = True,
+                 stream: Any = None) -> None:
+        self.monitor = TrainingMonitor(int(max_iter), stream=stream, enabled=enabled)
+        self.folder, self.stem = folder, stem
+        self.loss_curve: Optional[str] = None
+        self.loss_csv: Optional[str] = None
+
+    def before_train(self) -> None:
+        s = self.trainer.solver
+        s.monitor = self.monitor
+        self.monitor.attach(s)
+        self.monitor.start = s.iter
+
+    def after_train(self) -> None:
+        self.monitor.close()
+        self.loss_curve, self.loss_csv = finish_outputs(self.monitor, self.folder, self.stem,
+                                                        f"{self.stem}: training loss")
+
+
+class ResumeHook(HookBase):
+    """Restore a ``.solverstate`` (weights, history, loader position) before training."""
+
+    def __init__(self, state_path: str) -> None:
+        self.state_path = state_path
+
+    def before_train(self) -> None:
+        s = self.trainer.solver
+        log.info("Restoring previous solver status from %s", self.state_path)
+        s.restore(self.state_path)
+        if s.monitor is not None:
+            s.monitor.start = s.iter
+
+
+class SignalHook(HookBase):
+    """SIGINT/SIGTERM during training: snapshot and stop cleanly (:func:`stop_on_signals`)."""
+
+    def __init__(self) -> None:
+        self.state = _SignalState()
+        self._scope: Optional[ContextManager[_SignalState]] = None
+
+    def before_train(self) -> None:
+        self._scope = stop_on_signals(self.trainer.solver)
+        self.state = self._scope.__enter__()
+
+    def after_train(self) -> None:
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+            self._scope = None
+
+
+class PeriodicSnapshotHook(HookBase):
+    """py-faster-rcnn's snapshots: every ``every`` iterations (``cfg.TRAIN.SNAPSHOT_ITERS``,
+    not the solver's ``snapshot``) and once at the end of a run that completed."""
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+
+    def before_train(self) -> None:
+        log.info("Solving...")
+
+    def after_step(self) -> None:
+        s = self.trainer.solver
+        if self.every > 0 and s.iter % self.every == 0:
+            s.request_snapshot()
+
+    def after_train(self) -> None:
+        t = self.trainer
+        s = t.solver
+        if not t.completed:
+            return
+        if not s.requested_early_exit and s._last_snapshot_iter != s.iter:
+            s.snapshot()
+        log.info("done solving")
+
+
+def default_hooks(max_iter: int, folder: str, stem: str, *, resume: Optional[str] = None,
+                  progress: bool = True, progress_stream: Any = None,
+                  handle_signals: bool = True) -> List[HookBase]:
+    """What every training command has: progress and loss curve, ``resume`` restored first,
+    SIGINT/SIGTERM -> snapshot and stop."""
+    hooks: List[HookBase] = [ProgressHook(max_iter, folder, stem, enabled=progress,
+                                          stream=progress_stream)]
     if resume:
-        log.info("Restoring previous solver status from %s", resume)
-        s.restore(resume)
-    monitor.start = s.iter
-    sig = _SignalState()
-    try:
-        with (stop_on_signals(s) if handle_signals else contextlib.nullcontext(_SignalState())) as sig:
-            train()
-    finally:
-        monitor.close()
-        png, csv_path = finish_outputs(monitor, folder, stem, f"{stem}: training loss")
-    return TrainResult(model_paths=list(s.snapshot_paths), iterations=s.iter, output_dir=folder,
+        hooks.append(ResumeHook(resume))
+    if handle_signals:
+        hooks.append(SignalHook())
+    return hooks
+
+
+def run_trainer(trainer: TrainerBase) -> TrainResult:
+    """Train and collect what the run produced (the loss curve is written even when the
+    loop raised; the exception then propagates)."""
+    trainer.train()
+    s = trainer.solver
+    progress = next((h for h in trainer.hooks if isinstance(h, ProgressHook)), None)
+    sig = next((h.state for h in trainer.hooks if isinstance(h, SignalHook)), _SignalState())
+    return TrainResult(model_paths=list(s.snapshot_paths), iterations=s.iter,
+                       output_dir=progress.folder if progress else "",
                        interrupted=bool(s.requested_early_exit), signal=sig.name,
-                       loss_curve=png, loss_csv=csv_path, history=list(monitor.history), solver=s)
+                       loss_curve=progress.loss_curve if progress else None,
+                       loss_csv=progress.loss_csv if progress else None,
+                       history=list(progress.monitor.history) if progress else [], solver=s)
 
 
 def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: Optional[str] = None,
@@ -428,7 +591,8 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
     if max_iter is not None:
         param.max_iter = int(max_iter)
     s = TrainSolver(param, output_dir=output_dir, formats=formats, device=device, weights=weights)
-    return run_training(s, s.solve, max_iter=int(s.param.max_iter),
-                        folder=output_dir or os.path.dirname(os.path.abspath(s.prefix)),
-                        stem=os.path.basename(s.prefix) or "train", resume=resume, progress=progress,
-                        progress_stream=progress_stream, handle_signals=handle_signals)
+    folder = output_dir or os.path.dirname(os.path.abspath(s.prefix))
+    hooks = default_hooks(int(s.param.max_iter), folder, os.path.basename(s.prefix) or "train",
+                          resume=resume, progress=progress, progress_stream=progress_stream,
+                          handle_signals=handle_signals)
+    return run_trainer(TrainerBase(s, hooks))

@@ -11,6 +11,7 @@ import time
 import click
 
 from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.options import phase_option, python_layers_option
 
 
 @main.command("compress")
@@ -24,9 +25,8 @@ from caffe_compat.cli.main import friendly, main
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
               help="Output weights (format by extension). Default: beside --net, named "
                    "<stem>_svd_<X>_<l>... as Fast R-CNN's tool did.")
-@click.option("--phase", type=click.Choice(["train", "test"], case_sensitive=False), default="test",
-              show_default=True)
-@click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS")
+@phase_option()
+@python_layers_option()
 @friendly
 def compress_command(definition, svd_definition, weights, out, phase, allow_python_layers):
     """Compress fully connected layers with a truncated SVD (Fast R-CNN, section 3.1)."""

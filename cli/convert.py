@@ -8,6 +8,7 @@ import os
 import click
 
 from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.options import phase_option, python_layers_option
 
 
 @main.command("convert")
@@ -18,12 +19,11 @@ from caffe_compat.cli.main import friendly, main
 @click.option("--model", "-m", type=click.Path(dir_okay=False),
               help="Net definition: needed to read or write .h5 and to write a .caffemodel; checks "
                    "names and shapes otherwise.")
-@click.option("--phase", type=click.Choice(["train", "test"], case_sensitive=False), default="test",
-              show_default=True)
+@phase_option()
 @click.option("--fold-batchnorm", is_flag=True,
               help="Divide BatchNorm statistics by their scale factor (plain torch BN statistics).")
 @click.option("--allow-missing", is_flag=True, help="Let net layers without weights keep their fillers.")
-@click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS")
+@python_layers_option()
 @friendly
 def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow_python_layers):
     """Convert SRC weights to OUTPUT (format by extension)."""

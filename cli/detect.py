@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import click
 
 from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.options import (cfg_options, check_file, config_scope, gpu_option,
+                                      python_layers_option)
 
 __all__ = ["parse_classes", "detect_image"]
 
@@ -98,25 +100,22 @@ def _out_name(path: str, used: set) -> str:
               help="Trained weights (.caffemodel, .pt or .safetensors).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for the drawn images and detections.json.")
-@click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False), help="py-faster-rcnn config YAML.")
-@click.option("--set", "set_cfgs", nargs=2, multiple=True, metavar="KEY VALUE",
-              help="Override a config key (repeatable).")
+@cfg_options(trailing=False)
 @click.option("--thresh", type=float, default=0.8, show_default=True, help="Keep detections scoring >= this.")
 @click.option("--nms", "nms_thresh", type=float, default=0.3, show_default=True, help="Per-class NMS IoU.")
 @click.option("--classes", "classes_spec", default=None,
               help="VOC (default), comma-separated class names, or a file with one per line "
                    "(background first or implied).")
-@click.option("--gpu", type=int, default=None, help="CUDA device id (default: CPU).")
-@click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS",
-              help="Allow importing the modules of unregistered Python layers.")
+@gpu_option()
+@python_layers_option()
 @friendly
-def detect_command(images, model, weights, out_dir, cfg_file, set_cfgs, thresh, nms_thresh, classes_spec,
+def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh, nms_thresh, classes_spec,
                    gpu, allow_python_layers):
     """Detect objects in IMAGES and write them, boxes drawn, to --out."""
     import cv2
 
     from caffe_compat.atomic import atomic_write
-    from caffe_compat.cli.test import check_file, config_scope, select_device
+    from caffe_compat.device import resolve_device
     from caffe_compat.errors import DataError, GraphError
     from caffe_compat.frcnn.test import Timer, read_image
     from caffe_compat.frcnn.vis import draw_detections
@@ -128,9 +127,9 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_cfgs, thresh, 
         if not os.path.isfile(p):
             raise DataError("image file not found", where=p)
     classes = parse_classes(classes_spec)
-    with config_scope(cfg_file, set_cfgs, (), gpu) as cfg:
+    with config_scope(cfg_file, set_pairs, (), gpu) as cfg:
         cfg.TEST.HAS_RPN = True            # the demo's proposals come from the net's RPN
-        device = select_device(gpu)
+        device = resolve_device(gpu)
         net = Net(model, phase="test", device=device, allow_python_layers=allow_python_layers or None)
         for note in net.load_weights(weights):
             click.echo(f"note: {note}", err=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from caffe_compat.cli.main import friendly, main
-from caffe_compat.cli.test import check_file
+from caffe_compat.cli.options import check_file
 
 
 @main.command("draw")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import click
 
 from caffe_compat.cli.main import friendly, main
-from caffe_compat.cli.test import _ap, config_scope
+from caffe_compat.cli.options import cfg_options, config_scope, extra_args
+from caffe_compat.cli.test import echo_ap
 
 
-@main.command("reval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command("reval", context_settings=extra_args)
 @click.argument("output_dir", type=click.Path())
 @click.option("--imdb", "imdb_name", default="voc_2007_test", show_default=True,
               help="Data set the detections were made on.")
@@ -21,25 +22,19 @@ from caffe_compat.cli.test import _ap, config_scope
 @click.option("--comp", "comp_mode", is_flag=True, help="Competition mode (keep result files, no salt).")
 @click.option("--matlab", "matlab_eval", is_flag=True, hidden=True,
               help="py-faster-rcnn's MATLAB evaluation (not supported: refused with a clear error).")
-@click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False), help="py-faster-rcnn config YAML.")
-@click.option("--set", "set_cfgs", nargs=2, multiple=True, metavar="KEY VALUE",
-              help="Override a config key (repeatable; trailing KEY VALUE words also count).")
+@cfg_options
 @click.pass_context
 @friendly
-def reval_command(ctx, output_dir, imdb_name, apply_nms, comp_mode, matlab_eval, cfg_file, set_cfgs):
+def reval_command(ctx, output_dir, imdb_name, apply_nms, comp_mode, matlab_eval, cfg_file, set_pairs):
     """Evaluate the detections saved in OUTPUT_DIR by `test` again (no net needed)."""
     from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.reval import find_detections, reval
 
     find_detections(output_dir)            # a wrong folder is the likelier mistake: say so first
-    with config_scope(cfg_file, set_cfgs, ctx.args):
+    with config_scope(cfg_file, set_pairs, ctx.args):
         imdb = get_imdb(imdb_name)
         imdb.competition_mode(comp_mode)
         if matlab_eval:
             imdb.config["matlab_eval"] = True
         result = reval(output_dir, imdb, nms=apply_nms, log_fn=click.echo)
-    for cls, ap in result["ap"].items():
-        click.echo(f"AP for {cls} = {_ap(ap)}")
-    if "mAP" in result:
-        click.echo(f"Mean AP = {_ap(result['mAP'])}")
-    click.echo(f"Results in {result['output_dir']}")
+    echo_ap(result)

@@ -11,16 +11,12 @@ writing a snapshot), 1 or 2 on errors.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import click
 
 from caffe_compat.cli.main import friendly, main
-from caffe_compat.cli.test import config_scope
-
-_SET_HELP = ("Config overrides: --set KEY VALUE [KEY VALUE ...] as py-faster-rcnn's --set (trailing "
-             "KEY VALUE words count too); values are Python literals, e.g. TRAIN.SCALES '(400,)'.")
+from caffe_compat.cli.options import SET_HELP, cfg_options, config_scope, extra_args, gpu_option
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -46,14 +42,10 @@ def _common(fn):
     opts = [
         click.option("--weights", "pretrained_model", type=click.Path(dir_okay=False),
                      help="Initialize with pretrained model weights (layers it lacks keep their fillers)."),
-        click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False, exists=True),
-                     help="Optional config file (e.g. experiments/cfgs/faster_rcnn_end2end.yml)."),
+        cfg_options,
         click.option("--imdb", "imdb_name", default="voc_2007_trainval", show_default=True,
                      help="Data set to train on ('a+b' joins several)."),
-        click.option("--set", "set_pairs", nargs=2, multiple=True, metavar="KEY VALUE",
-                     help="Override a config key (repeatable; trailing KEY VALUE words count too)."),
-        click.option("--gpu", "gpu_id", type=int, default=None,
-                     help="CUDA device id (default: the CPU)."),
+        gpu_option(),
         click.option("--rand", "randomize", is_flag=True,
                      help="Randomize (do not seed from cfg.RNG_SEED)."),
         click.option("--output", "output_dir", type=click.Path(file_okay=False),
@@ -81,8 +73,8 @@ def _report(result, what: str = "training") -> None:
         click.echo(f"nothing to train: the solver is already at iteration {result.iterations}")
 
 
-@main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              epilog=_SET_HELP)
+@main.command("train", context_settings=extra_args,
+              epilog=SET_HELP)
 @click.option("--solver", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Solver prototxt (its net paths are relative to the current directory, as in Caffe).")
 @click.option("--snapshot", "resume", type=click.Path(dir_okay=False, exists=True),
@@ -92,11 +84,12 @@ def _report(result, what: str = "training") -> None:
 @_common
 @click.pass_context
 @friendly
-def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, imdb_name, set_pairs,
-                  gpu_id, randomize, output_dir, fmt, progress):
+def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name,
+                  gpu, randomize, output_dir, fmt, progress):
     """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
+    from caffe_compat.device import resolve_device
     from caffe_compat.progress import setup_logging
-    from caffe_compat.trainer import load_solver_param, parse_formats, resolve_device, train_plain
+    from caffe_compat.trainer import load_solver_param, parse_formats, train_plain
 
     if resume and pretrained_model:
         raise click.UsageError("give --snapshot to resume training or --weights to fine-tune, not both "
@@ -105,16 +98,19 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, im
     log = logging.getLogger("caffe_compat.train")
     log.info("Called with args: solver=%s weights=%s snapshot=%s iters=%s imdb=%s cfg=%s set=%s "
              "gpu=%s rand=%s output=%s format=%s", solver, pretrained_model, resume, max_iters,
-             imdb_name, cfg_file, [v for p in set_pairs for v in p] + list(ctx.args), gpu_id,
+             imdb_name, cfg_file, [v for p in set_pairs for v in p] + list(ctx.args), gpu,
              randomize, output_dir, fmt)
-    param = load_solver_param(solver)
-    frcnn = _uses_roidb(param)
-    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id, frcnn=frcnn):
-        device = resolve_device(gpu_id)
+    frcnn = _uses_roidb(load_solver_param(solver))
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu, frcnn=frcnn):
+        device = resolve_device(gpu)
         formats = parse_formats(fmt)
         if frcnn:
-            result = _train_frcnn(solver, param, imdb_name, pretrained_model, resume, max_iters, device,
-                                  formats, randomize, output_dir, progress)
+            from caffe_compat.frcnn.train import train_from_solver
+
+            result = train_from_solver(solver, imdb_name, pretrained_model=pretrained_model,
+                                       resume=resume, max_iters=max_iters, device=device,
+                                       formats=formats, randomize=randomize, output_dir=output_dir,
+                                       progress=progress)
         else:
             result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
                                  device=device, formats=formats, output_dir=output_dir,
@@ -124,31 +120,8 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, im
         sys.exit(_EXIT_FOR_SIGNAL.get(result.signal, 1))
 
 
-def _train_frcnn(solver, param, imdb_name, pretrained_model, resume, max_iters, device, formats,
-                 randomize, output_dir, progress):
-    """py-faster-rcnn's tools/train_net.py under the command's config."""
-    import pprint
-
-    from caffe_compat.frcnn.config import cfg, get_output_dir
-    from caffe_compat.frcnn.train import combined_roidb, train_net
-    from caffe_compat.trainer import seed_everything
-
-    log = logging.getLogger("caffe_compat.train")
-    log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
-    if not randomize:
-        seed_everything(cfg.RNG_SEED)
-    imdb, roidb = combined_roidb(imdb_name)
-    log.info("%d roidb entries", len(roidb))
-    out = os.path.abspath(output_dir) if output_dir else get_output_dir(imdb)
-    log.info("Output will be saved to `%s`", out)
-    iters = max_iters if max_iters is not None else (param.max_iter or 40000)
-    return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
-                     resume=resume, device=device, formats=formats, randomize=randomize,
-                     progress=progress)
-
-
-@main.command("train-alt-opt", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              epilog=_SET_HELP)
+@main.command("train-alt-opt", context_settings=extra_args,
+              epilog=SET_HELP)
 @click.option("--net_name", "--net-name", "net_name", required=True,
               help="Network name (ZF -> MODELS_DIR/ZF/faster_rcnn_alt_opt) or the folder of the "
                    "stage prototxts (stage1_rpn_train.pt, ..., rpn_test.pt).")
@@ -159,19 +132,20 @@ def _train_frcnn(solver, param, imdb_name, pretrained_model, resume, max_iters, 
 @_common
 @click.pass_context
 @friendly
-def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, cfg_file, imdb_name,
-                          set_pairs, gpu_id, randomize, output_dir, fmt, progress):
+def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, cfg_file, set_pairs,
+                          imdb_name, gpu, randomize, output_dir, fmt, progress):
     """Train Faster R-CNN by alternating optimization (tools/train_faster_rcnn_alt_opt.py)."""
     import pprint
 
+    from caffe_compat.device import resolve_device
     from caffe_compat.frcnn.alt_opt import train_alt_opt
     from caffe_compat.progress import setup_logging
-    from caffe_compat.trainer import parse_formats, resolve_device
+    from caffe_compat.trainer import parse_formats
 
     setup_logging()
     log = logging.getLogger("caffe_compat.train")
-    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id) as cfg:
-        device = resolve_device(gpu_id)
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu) as cfg:
+        device = resolve_device(gpu)
         log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
         res = train_alt_opt(net_name, imdb_name, pretrained_model=pretrained_model, iters=iters,
                             iters_scale=iters_scale, output_dir=output_dir, device=device,
@@ -186,42 +160,30 @@ def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, c
     click.echo(f"final model: {res.final_model}")
 
 
-@main.command("rpn-generate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              epilog=_SET_HELP)
+@main.command("rpn-generate", context_settings=extra_args,
+              epilog=SET_HELP)
 @click.option("--def", "prototxt", required=True, type=click.Path(dir_okay=False, exists=True),
               help="RPN test prototxt (e.g. faster_rcnn_alt_opt/rpn_test.pt; tops 'rois' and 'scores').")
 @click.option("--net", "caffemodel", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Trained RPN weights.")
-@click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False, exists=True), help="Optional config file.")
+@cfg_options
 @click.option("--imdb", "imdb_name", default="voc_2007_test", show_default=True,
               help="Data set whose images get proposals.")
-@click.option("--set", "set_pairs", nargs=2, multiple=True, metavar="KEY VALUE",
-              help="Override a config key (repeatable; trailing KEY VALUE words count too).")
-@click.option("--gpu", "gpu_id", type=int, default=None, help="CUDA device id (default: the CPU).")
+@gpu_option()
 @click.option("--output", "output_dir", type=click.Path(file_okay=False),
               help="Output folder (default: ROOT/output/<EXP_DIR>/<imdb>/<net name>).")
 @click.pass_context
 @friendly
-def rpn_generate_command(ctx, prototxt, caffemodel, cfg_file, imdb_name, set_pairs, gpu_id, output_dir):
+def rpn_generate_command(ctx, prototxt, caffemodel, cfg_file, set_pairs, imdb_name, gpu, output_dir):
     """Write RPN proposals for every image of a data set (tools/rpn_generate.py), as .npz.
 
     Use them with TRAIN/TEST.PROPOSAL_METHOD rpn (the imdb's rpn_file)."""
-    from caffe_compat.frcnn.alt_opt import rpn_generate
-    from caffe_compat.frcnn.config import get_output_dir
-    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.device import resolve_device
+    from caffe_compat.frcnn.alt_opt import rpn_generate_tool
     from caffe_compat.progress import setup_logging
-    from caffe_compat.trainer import resolve_device
 
     setup_logging()
-    with config_scope(cfg_file, set_pairs, ctx.args, gpu_id):
-        device = resolve_device(gpu_id)
-        name = os.path.splitext(os.path.basename(caffemodel))[0]
-        if output_dir is None:
-            class _Named:
-                def __init__(self, n: str) -> None:
-                    self.name = n
-
-            output_dir = get_output_dir(get_imdb(imdb_name), _Named(name))
-        path = rpn_generate(imdb_name, caffemodel, prototxt, output_dir=output_dir, device=device,
-                            filename=name + "_rpn_proposals.npz")
+    with config_scope(cfg_file, set_pairs, ctx.args, gpu):
+        path = rpn_generate_tool(imdb_name, caffemodel, prototxt, output_dir=output_dir,
+                                 device=resolve_device(gpu))
     click.echo(f"wrote RPN proposals to {path}")

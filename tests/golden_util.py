@@ -27,7 +27,7 @@ def _rel_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str)
     assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol} * {scale:.3g}"
 
 
-def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-4,
+def check_golden(path, *, rtol: float = 1e-5, grad_rtol: float = 1e-5,
                  skip_blobs: Iterable[str] = (), check_backward: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  device: str = "cpu") -> Net:
@@ -119,7 +119,7 @@ def rel_close(actual, expected, rtol, what=""):
 
 
 
-def run_golden_layers(path, dtype=torch.float32, rtol=1e-5, grad_rtol=1e-4):
+def run_golden_layers(path, dtype=torch.float32, rtol=1e-5, grad_rtol=1e-5):
     """Build the recorded net's layers directly (no Net), load params, compare all blobs
     after forward and the input/param diffs after backward with the recorded top diffs."""
     g = np.load(str(path), allow_pickle=False)

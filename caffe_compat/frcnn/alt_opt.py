@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -49,7 +50,7 @@ from caffe_compat.trainer import (FORMATS, TrainResult, load_solver_param, resol
                                   seed_everything)
 
 __all__ = ["STAGES", "DEFAULT_ITERS", "find_stage_dir", "get_solvers", "parse_iters", "get_roidb",
-           "train_rpn", "train_fast_rcnn", "rpn_generate", "imdb_proposals", "im_proposals",
+           "train_rpn", "train_fast_rcnn", "rpn_generate", "rpn_generate_tool", "imdb_proposals", "im_proposals",
            "train_alt_opt", "AltOptResult"]
 
 log = logging.getLogger("caffe_compat.train")
@@ -332,6 +333,20 @@ def rpn_generate(imdb_name: str, rpn_model_path: str, rpn_test_prototxt: str, *,
         save_proposals(path, boxes, scores)
     log.info("Wrote RPN proposals to %s", path)
     return path
+
+
+def rpn_generate_tool(imdb_name: str, rpn_model_path: str, rpn_test_prototxt: str, *,
+                      output_dir: Optional[str] = None, device: Any = None) -> str:
+    """py-faster-rcnn's ``tools/rpn_generate.py``: :func:`rpn_generate` into
+    ``<output dir>/<model name>_rpn_proposals.npz``, the output dir defaulting to
+    ``ROOT/output/<EXP_DIR>/<imdb>/<model name>``."""
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+
+    name = os.path.splitext(os.path.basename(rpn_model_path))[0]
+    if output_dir is None:
+        output_dir = get_output_dir(get_imdb(imdb_name), SimpleNamespace(name=name))
+    return rpn_generate(imdb_name, rpn_model_path, rpn_test_prototxt, output_dir=output_dir,
+                        device=device, filename=name + "_rpn_proposals.npz")
 
 
 @dataclass

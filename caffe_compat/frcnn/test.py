@@ -39,7 +39,7 @@ from caffe_compat.frcnn.config import ConfigError, cfg, get_output_dir
 
 __all__ = [
     "Timer", "im_detect", "test_net", "apply_nms", "detections_per_class", "limit_per_image",
-    "save_detections", "load_detections", "read_image",
+    "save_detections", "load_detections", "read_image", "test_imdb", "format_ap",
 ]
 
 log = logging.getLogger(__name__)
@@ -540,3 +540,49 @@ def _write_vis(im: np.ndarray, per_class: List[np.ndarray], imdb: Any, i: int, o
     os.makedirs(vis_dir, exist_ok=True)
     stem = str(imdb.image_index[i]).replace(os.sep, "_")
     cv2.imwrite(os.path.join(vis_dir, stem + ".jpg"), drawn)
+
+
+def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, comp_mode: bool = False,
+              max_per_image: int = 100, thresh: float = 0.05, vis: bool = False,
+              output_dir: Optional[str] = None, rpn_file: Optional[str] = None,
+              stages: Sequence[str] = (), level: Optional[int] = None,
+              allow_python_layers: Optional[bool] = None,
+              log_fn: Callable[[str], None] = print,
+              note_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+    """py-faster-rcnn's ``tools/test_net.py`` under the config in force: build the TEST net
+    with ``weights``, match ``TEST.HAS_RPN`` to its inputs (``im_info``: an RPN net;
+    ``rois``: precomputed proposals), then :func:`test_net` on ``imdb_name``."""
+    from caffe_compat.frcnn.datasets.factory import get_imdb
+    from caffe_compat.net import Net
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    net = Net(model, phase="test", stages=stages, level=level, device=device,
+              allow_python_layers=allow_python_layers)
+    for note in net.load_weights(weights):
+        note_fn(f"note: {note}")
+    net.name = os.path.splitext(os.path.basename(weights))[0]
+    inputs = set(net.input_names)
+    if "im_info" in inputs and "rois" not in inputs and not cfg.TEST.HAS_RPN:
+        note_fn("note: the net takes im_info (an RPN net): using TEST.HAS_RPN True")
+        cfg.TEST.HAS_RPN = True
+    elif "rois" in inputs and "im_info" not in inputs and cfg.TEST.HAS_RPN:
+        note_fn("note: the net takes rois (precomputed proposals): using TEST.HAS_RPN False")
+        cfg.TEST.HAS_RPN = False
+
+    imdb = get_imdb(imdb_name)
+    imdb.competition_mode(comp_mode)
+    if not cfg.TEST.HAS_RPN:
+        if rpn_file:
+            imdb.config["rpn_file"] = rpn_file
+        imdb.set_proposal_method(cfg.TEST.PROPOSAL_METHOD)
+    log_fn(f"Testing '{net.name}' on {imdb.name} ({imdb.num_images} images, "
+           f"{'CPU' if device.type == 'cpu' else f'cuda:{device.index}'})")
+    return test_net(net, imdb, max_per_image=max_per_image, thresh=thresh, vis=vis,
+                    output_dir=output_dir, log_fn=log_fn)
+
+
+def format_ap(v: Any) -> str:
+    """An AP as the commands print it (``n/a`` for a class without objects)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/a (no objects of this class)"
+    return f"{float(v):.4f}"

@@ -44,12 +44,14 @@ from caffe_compat.frcnn.config import ConfigError, cfg
 from caffe_compat.frcnn.layers import RoIDataLayer
 from caffe_compat.layers import registry
 from caffe_compat.protos import caffe_pb2
-from caffe_compat.trainer import (SolverSource, TrainResult, TrainSolver, load_solver_param,
-                                  run_training, train_net_param)
+from caffe_compat.trainer import (HookBase, PeriodicSnapshotHook, SolverSource, TrainerBase,
+                                  TrainResult, TrainSolver, default_hooks, load_solver_param,
+                                  run_trainer, train_net_param)
 
 __all__ = [
     "unnormalize_bbox_params", "normalize_bbox_params", "find_roi_data_layer", "net_uses_roidb",
-    "FrcnnSolver", "SolverWrapper", "train_net", "combined_roidb",
+    "FrcnnSolver", "RoidbDataHook", "SolverWrapper", "train_net", "combined_roidb",
+    "train_from_solver",
 ]
 
 log = logging.getLogger("caffe_compat.train")
@@ -252,6 +254,33 @@ def combined_roidb(imdb_names: str) -> Tuple[Any, List[Dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------------------- training
+class RoidbDataHook(HookBase):
+    """py-faster-rcnn's data: the train net's ``RoIDataLayer`` pulls its minibatches from a
+    :class:`~caffe_compat.frcnn.roidb.MinibatchLoader`, whose position the snapshots keep.
+
+    :meth:`install` wires it at once (so a bare ``solver.step`` trains too);
+    :meth:`before_train` does it again for a trainer.
+    """
+
+    def __init__(self, solver: TrainSolver, layer: Any, loader: Any) -> None:
+        self.solver, self.layer, self.loader = solver, layer, loader
+        self.install()
+
+    def install(self) -> None:
+        self.solver.loader = self.loader
+        self.layer.set_minibatch_source(self.next_minibatch)
+
+    def before_train(self) -> None:
+        self.install()
+
+    def next_minibatch(self) -> Dict[str, torch.Tensor]:
+        blobs = next(self.loader)
+        order = self.layer.blob_order
+        dev = self.solver.net.device
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in blobs.items()
+                if k in order}
+
+
 class SolverWrapper:
     """py-faster-rcnn's ``SolverWrapper``: a solver whose train net reads ``roidb``.
 
@@ -305,19 +334,11 @@ class SolverWrapper:
             loader_seed = int(cfg.RNG_SEED if seed is None else seed)
         has_rpn = "im_info" in layer.blob_order
         self.loader = MinibatchLoader(roidb, layer.num_classes, seed=loader_seed, has_rpn=has_rpn)
-        self.solver.loader = self.loader
-        layer.set_minibatch_source(self._next_minibatch)
+        self.data_hook = RoidbDataHook(self.solver, layer, self.loader)
         if T.BBOX_REG and T.BBOX_NORMALIZE_TARGETS and self.bbox_means is not None:
             if self.solver.set_bbox_stats(self.bbox_means, self.bbox_stds):
                 log.info("snapshots will hold bbox_pred un-normalized (stds %s, means %s, per class)",
                          np.asarray(self.bbox_stds)[-4:].tolist(), np.asarray(self.bbox_means)[-4:].tolist())
-
-    def _next_minibatch(self) -> Dict[str, torch.Tensor]:
-        blobs = next(self.loader)
-        order = self.data_layer.blob_order
-        dev = self.device
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in blobs.items()
-                if k in order}
 
     def snapshot(self) -> str:
         """Write a snapshot now; returns its (first-format) weights file."""
@@ -326,23 +347,16 @@ class SolverWrapper:
     def train_model(self, max_iters: int) -> List[str]:
         """Train until the solver reaches ``max_iters`` iterations, snapshotting every
         ``cfg.TRAIN.SNAPSHOT_ITERS`` and at the end; returns the snapshots' weight files."""
-        s = self.solver
-        every = int(cfg.TRAIN.SNAPSHOT_ITERS)
+        self.trainer(int(max_iters)).train()
+        return list(self.solver.snapshot_paths)
 
-        def periodic(solver: FrcnnSolver, info: Any) -> None:
-            if every > 0 and solver.iter % every == 0:
-                solver.request_snapshot()
-
-        s.add_callback(periodic, on="iteration")
-        s.requested_early_exit = False
-        log.info("Solving...")
-        remaining = int(max_iters) - s.iter
-        if remaining > 0:
-            s.step(remaining)
-        if not s.requested_early_exit and s._last_snapshot_iter != s.iter:
-            s.snapshot()
-        log.info("done solving")
-        return list(s.snapshot_paths)
+    def trainer(self, max_iters: int, hooks: Sequence[HookBase] = ()) -> TrainerBase:
+        """The generic trainer with this run's hooks: ``hooks`` (progress, resume, signals),
+        the roidb data and py-faster-rcnn's snapshots (every ``cfg.TRAIN.SNAPSHOT_ITERS``
+        and at the end), stepping to ``max_iters``."""
+        return TrainerBase(self.solver, [*hooks, self.data_hook,
+                                         PeriodicSnapshotHook(int(cfg.TRAIN.SNAPSHOT_ITERS))],
+                           max_iter=int(max_iters))
 
 
 def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output_dir: str,
@@ -366,9 +380,34 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
     sw = SolverWrapper(solver_prototxt, roidb, output_dir, pretrained_model, device=device,
                        formats=formats, randomize=randomize, seed=seed, save_state=save_state)
     s = sw.solver
-    return run_training(s, lambda: sw.train_model(int(max_iters)), max_iter=int(max_iters),
-                        folder=output_dir, stem=os.path.basename(s.prefix), resume=resume,
-                        progress=progress, progress_stream=progress_stream,
-                        handle_signals=handle_signals)
+    hooks = default_hooks(int(max_iters), output_dir, os.path.basename(s.prefix), resume=resume,
+                          progress=progress, progress_stream=progress_stream,
+                          handle_signals=handle_signals)
+    return run_trainer(sw.trainer(int(max_iters), hooks))
 
 
+def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional[str] = None,
+                      resume: Optional[str] = None, max_iters: Optional[int] = None,
+                      device: Any = None, formats: Sequence[str] = ("caffemodel",),
+                      randomize: bool = False, output_dir: Optional[str] = None,
+                      progress: bool = True) -> TrainResult:
+    """py-faster-rcnn's ``tools/train_net.py`` under the config in force: seed from
+    ``cfg.RNG_SEED`` (unless ``randomize``), the roidb of ``imdb_name``, the output folder
+    (``get_output_dir(imdb)`` unless given) and ``max_iters`` (the solver's ``max_iter``,
+    else the original's 40000)."""
+    import pprint
+
+    from caffe_compat.frcnn.config import get_output_dir
+    from caffe_compat.trainer import seed_everything
+
+    log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
+    if not randomize:
+        seed_everything(cfg.RNG_SEED)
+    imdb, roidb = combined_roidb(imdb_name)
+    log.info("%d roidb entries", len(roidb))
+    out = os.path.abspath(output_dir) if output_dir else get_output_dir(imdb)
+    log.info("Output will be saved to `%s`", out)
+    iters = max_iters if max_iters is not None else (load_solver_param(solver).max_iter or 40000)
+    return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
+                     resume=resume, device=device, formats=formats, randomize=randomize,
+                     progress=progress)

@@ -4,7 +4,7 @@
 
 Each case below builds a NetSpec from whatever ``caffe`` module it is given, so the very same
 builders run under real pycaffe (here) and under caffe-compat's emulation
-(tests/test_coord_map.py imports this file without importing ``caffe``).  A case returns its
+(tests/pycaffe/test_coord_map.py imports this file without importing ``caffe``).  A case returns its
 NetSpec, the ``results`` of ``coord_map_from_to``/``crop``/``coord_map`` calls (values, or the
 name of the exception raised), and whether real Caffe should build the net.  For nets that
 build, every blob's shape after Caffe's reshape is recorded too, so the Crop offsets are known

@@ -1,4 +1,4 @@
-"""Record Caffe's HDF5 snapshots for tests/test_hdf5.py.  Runs under the Caffe oracle:
+"""Record Caffe's HDF5 snapshots for tests/weights/test_hdf5.py.  Runs under the Caffe oracle:
 
     ../shared/tools/caffe-oracle/py tests/golden/make_hdf5.py
 
@@ -19,7 +19,7 @@ BVLC master, while Caffe's history still has slots for them.  tests/golden/hdf5/
   relative prefix ``snap``, so ``learned_net`` is ``snap_iter_<state_iter>.caffemodel.h5``)
 - ``caffemodel``: Caffe's ``net.save`` (binaryproto) of the same weights at ``state_iter``
 
-``--check DIR`` (used by tests/test_hdf5.py when the oracle is present): restore the
+``--check DIR`` (used by tests/weights/test_hdf5.py when the oracle is present): restore the
 caffe-compat ``DIR/snap_iter_<k>.solverstate.h5`` in Caffe, step to ``steps``, and load
 ``DIR/ours.caffemodel.h5`` into a fresh net with ``load_hdf5``; both written to
 ``DIR/caffe_check.npz`` (``resumed/<layer>/<i>``, ``loaded/<layer>/<i>``).

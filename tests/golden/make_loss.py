@@ -4,7 +4,7 @@
 
 Writes tests/golden/loss/*.npz (layers whose semantics the oracle shares with BVLC master)
 and tests/golden/loss/infogain_probs/*.npz: the oracle's InfogainLoss predates master's
-internal softmax (it takes probabilities), so tests/test_layers_loss.py compares those
+internal softmax (it takes probabilities), so tests/layers/test_layers_loss.py compares those
 through softmax(log p) = p and the softmax Jacobian instead of running them as nets.
 Each case runs in its own subprocess (a failed Caffe CHECK aborts the process).
 """

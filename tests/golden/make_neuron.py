@@ -4,7 +4,7 @@
 
 Each case runs in its own subprocess (a failed Caffe CHECK aborts the process).  Clip and
 Swish are BVLC-master layers the oracle lacks; they are tested against numpy references in
-tests/test_layers_neuron.py, as is Dropout at TRAIN (statistics).
+tests/layers/test_layers_neuron.py, as is Dropout at TRAIN (statistics).
 """
 import os
 import sys

@@ -4,7 +4,7 @@ Runs under the Caffe oracle:
     ../shared/tools/caffe-oracle/py tests/golden/make_pycaffe.py [NAME ...]
 
 Each script takes the path of an .npz to write its results to, so the very same file runs
-under real Caffe (here) and under `caffe-compat run` (tests/test_pycaffe.py), which
+under real Caffe (here) and under `caffe-compat run` (tests/pycaffe/test_pycaffe.py), which
 compares the two.  Every script runs in its own subprocess (a failed Caffe CHECK aborts
 the process); its .npz is rewritten compressed into tests/golden/pycaffe/<name>.npz.
 """

@@ -1,4 +1,4 @@
-"""Record Caffe's solver trajectories for tests/test_solver.py.  Runs under the Caffe oracle:
+"""Record Caffe's solver trajectories for tests/solver/test_solver.py.  Runs under the Caffe oracle:
 
     ../shared/tools/caffe-oracle/py tests/golden/make_solver.py
 

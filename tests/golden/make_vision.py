@@ -4,7 +4,7 @@
 
 Each case runs in its own subprocess (a failed Caffe CHECK aborts the process).  What the
 oracle cannot give (round_mode FLOOR, STOCHASTIC pooling, which Caffe implements on GPU
-only, the 0/0 AVE window) is tested against numpy references in tests/test_layers_vision.py.
+only, the 0/0 AVE window) is tested against numpy references in tests/layers/test_layers_vision.py.
 """
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Make the golden files of tests/test_upgrade.py with real Caffe's upgrade_proto.
+"""Make the golden files of tests/core/test_upgrade.py with real Caffe's upgrade_proto.
 
 Run from the repository root with the project's venv (not in CI; needs the oracle build):
 
@@ -37,7 +37,7 @@ ROOT = DATA.parents[2]
 ORACLE = pathlib.Path(os.environ.get("ORACLE_DIR", pathlib.Path.home() / ".cache/caffe-oracle"))
 CORPUS = pathlib.Path(os.environ.get("CAFFE_COMPAT_CORPUS", ROOT.parent / "shared" / "corpus"))
 
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "core")]  # conftest, test_upgrade
 for _name, _empty in (("expected.json", {k: {} for k in ("nets", "errors", "solvers",
                                                           "solver_errors", "binaries")}),
                       ("corpus_digests.json", {})):

@@ -1,0 +1,127 @@
+"""Options shared by the commands, defined once (click decorators) with their parsing.
+
+* :func:`gpu_option` -- ``--gpu ID``, resolved by :func:`caffe_compat.device.resolve_device`
+  (one rule and one error for every command);
+* :func:`cfg_options` and :func:`config_scope` -- py-faster-rcnn's ``--cfg FILE`` and
+  ``--set KEY VALUE`` (plus trailing ``KEY VALUE`` words), under the library's one parse
+  and restore policy (:func:`caffe_compat.frcnn.config.command_cfg`);
+* :func:`input_shape_option` -- ``--input-shape NAME=D1,D2,...`` parsed into a dict;
+* :func:`phase_option`, :func:`state_options` -- a net's phase, ``--stage``/``--level``;
+* :func:`python_layers_option` -- ``--allow-python-layers``;
+* :func:`check_file` -- an input file's existence, named by its flag.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, ContextManager, Dict, Optional, Sequence, Tuple, TypeVar
+
+import click
+
+__all__ = ["gpu_option", "cfg_options", "config_scope", "input_shape_option", "parse_input_shapes",
+           "phase_option", "state_options", "python_layers_option", "check_file", "SET_HELP",
+           "extra_args"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SET_HELP = ("Config overrides: --set KEY VALUE [KEY VALUE ...] as py-faster-rcnn's --set (trailing "
+            "KEY VALUE words count too); values are Python literals, e.g. TRAIN.SCALES '(400,)'.")
+
+#: context settings of a command that takes trailing ``KEY VALUE`` words after ``--set``
+extra_args: Dict[str, bool] = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _apply(fn: F, opts: Sequence[Callable[[F], F]]) -> F:
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def gpu_option(help: str = "CUDA device id (default: the CPU).") -> Callable[[F], F]:
+    """``--gpu ID`` -> the parameter ``gpu`` (an int or None); resolve it with
+    :func:`caffe_compat.device.resolve_device`."""
+    return click.option("--gpu", "gpu", type=int, default=None, help=help)
+
+
+def cfg_options(fn: Optional[F] = None, *, trailing: bool = True) -> Any:
+    """``--cfg FILE`` and ``--set KEY VALUE`` -> the parameters ``cfg_file`` and ``set_pairs``
+    (checked and applied by :func:`config_scope`).  ``trailing``: the command also takes
+    ``KEY VALUE`` words after ``--set`` (``context_settings=extra_args``; not for commands
+    whose positional arguments are variadic).  Use as ``@cfg_options`` or
+    ``@cfg_options(trailing=False)``."""
+    if fn is None:
+        return lambda f: cfg_options(f, trailing=trailing)
+    more = "; trailing KEY VALUE words count too" if trailing else ""
+    return _apply(fn, [
+        click.option("--cfg", "cfg_file", type=click.Path(dir_okay=False),
+                     help="py-faster-rcnn config YAML (e.g. experiments/cfgs/faster_rcnn_end2end.yml)."),
+        click.option("--set", "set_pairs", nargs=2, multiple=True, metavar="KEY VALUE",
+                     help=f"Override a config key (repeatable{more})."),
+    ])
+
+
+def config_scope(cfg_file: Optional[str], set_pairs: Sequence[Tuple[str, str]], extra: Sequence[str] = (),
+                 gpu: Optional[int] = None, *, frcnn: bool = True) -> ContextManager[Any]:
+    """py-faster-rcnn's config for one command (:func:`caffe_compat.frcnn.config.command_cfg`:
+    ``--cfg``, ``--set`` and ``--gpu``, in force inside the ``with`` block, restored after
+    it; it yields the config).  A plain Caffe command (``frcnn=False``) given none of them
+    gets an empty scope and never loads ``caffe_compat.frcnn``."""
+    if not (frcnn or cfg_file or set_pairs or extra):
+        return contextlib.nullcontext()
+    from caffe_compat.frcnn.config import command_cfg
+
+    return command_cfg(cfg_file, set_pairs, extra, gpu_id=gpu)
+
+
+def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """``["data=1,3,224,224", ...]`` -> ``{"data": (1, 3, 224, 224)}``."""
+    from caffe_compat.errors import SchemaError
+
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise SchemaError(f"bad --input-shape '{spec}'; expected NAME=D1,D2,...") from None
+    return shapes
+
+
+def input_shape_option(help: str = "Input blob shape (repeatable).") -> Callable[[F], F]:
+    """``--input-shape NAME=D1,D2,...`` (repeatable) -> the parameter ``input_shapes``, a
+    dict parsed when the command runs (a bad one is the command's one-line error)."""
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+                        help=help)
+
+
+def phase_option(default: str = "test", help: Optional[str] = None) -> Callable[[F], F]:
+    """``--phase train|test`` -> the parameter ``phase``."""
+    return click.option("--phase", type=click.Choice(["train", "test"], case_sensitive=False),
+                        default=default, show_default=True, help=help or "Net phase.")
+
+
+def state_options(fn: F) -> F:
+    """``--stage`` (repeatable) and ``--level`` of the net state -> ``stages``, ``level``."""
+    return _apply(fn, [
+        click.option("--stage", "stages", multiple=True, help="Net state stage (repeatable)."),
+        click.option("--level", type=int, default=None, help="Net state level."),
+    ])
+
+
+def python_layers_option(help: str = "Allow importing the modules of unregistered Python layers."
+                         ) -> Callable[[F], F]:
+    """``--allow-python-layers`` (or ``CAFFE_COMPAT_ALLOW_PYTHON_LAYERS``)."""
+    return click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS",
+                        help=help)
+
+
+def check_file(path: Optional[str], what: str, flag: str) -> str:
+    """``path`` if it is a file, else a clear error naming the flag."""
+    from caffe_compat.errors import DataError, WeightsError
+
+    if not path:
+        raise DataError(f"{flag} is required: {what}")
+    if not os.path.isfile(path):
+        cls = WeightsError if flag == "--weights" else DataError
+        raise cls(f"{what} not found ({flag})", where=path)
+    return path
