@@ -73,22 +73,21 @@ def datum_bytes(channels: int, height: int, width: int, values: np.ndarray) -> b
 
 
 def select_device(mode: str = "CPU", device_id: int = 0):
-    """Caffe's ``[CPU/GPU] [DEVICE_ID]``: a torch device; GPU needs a CUDA device with that id."""
+    """Caffe's positional ``[CPU|GPU] [DEVICE_ID]``: ``GPU 3`` is ``--gpu 3`` elsewhere, so the
+    device itself comes from the one resolver every command uses
+    (:func:`caffe_compat.device.resolve_device`); only the mode word is this tool's own."""
     import torch
+
+    from caffe_compat.device import resolve_device
 
     m = (mode or "CPU").upper()
     if m not in ("CPU", "GPU"):
-        raise SchemaError(f"mode must be CPU or GPU, got '{mode}'")
+        raise SchemaError(f"mode must be CPU or GPU, got '{str(mode)[:40]}'")
     if m == "CPU":
         return torch.device("cpu")
-    if device_id < 0:
-        raise SchemaError(f"DEVICE_ID must be >= 0, got {device_id}")
-    if not torch.cuda.is_available():
-        raise SchemaError("GPU mode but no CUDA device is available (use CPU)")
-    if device_id >= torch.cuda.device_count():
-        raise SchemaError(f"GPU device {device_id} does not exist: there are only "
-                          f"{torch.cuda.device_count()} CUDA devices")
-    return torch.device(f"cuda:{device_id}")
+    if device_id < 0:  # a negative --gpu means the CPU; in GPU mode it is a mistake
+        raise SchemaError(f"DEVICE_ID must be >= 0 in GPU mode, got {device_id}")
+    return resolve_device(device_id)
 
 
 def check_request(blob_names: Sequence[str], dataset_names: Sequence[str], num_mini_batches: int,

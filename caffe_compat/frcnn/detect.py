@@ -1,0 +1,133 @@
+"""py-faster-rcnn's ``tools/demo.py`` as a library: detect, draw and record images of one's own.
+
+``caffe-compat detect`` is a thin wrapper over :func:`detect_images`; scripts can call it
+directly.  For each image: ``im_detect`` with the net's RPN (the caller forces
+``TEST.HAS_RPN``, as the demo does), per-class NMS at ``nms_thresh`` over all proposals,
+then detections scoring ``>= thresh`` are kept, best score first.  Boxes are 0-based
+inclusive pixel corners in the original image.  The JSON document written next to the
+drawn images is::
+
+    {"classes": [...], "thresh": t, "nms": n, "model": ..., "weights": ...,
+     "images": [{"image": path, "output": path, "width": w, "height": h,
+                 "num_proposals": R, "time_s": s,
+                 "detections": [{"class": name, "class_index": k, "score": s,
+                                 "box": [x1, y1, x2, y2]}, ...]}, ...]}
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = ["parse_classes", "detect_image", "detect_images", "write_detections_json"]
+
+#: suffixes an output image keeps; anything else is written as PNG
+WRITABLE = (".png", ".jpg", ".jpeg")
+
+ImageRecord = Dict[str, Any]
+
+
+def parse_classes(spec: Optional[str]) -> Tuple[str, ...]:
+    """Class names from a spec: ``VOC`` (default), comma-separated names, or a file with one
+    name per line.  ``__background__`` is prepended unless already first."""
+    from caffe_compat.errors import SchemaError
+    from caffe_compat.frcnn.datasets.pascal_voc import VOC_CLASSES
+
+    if spec is None or spec.strip().upper() == "VOC":
+        return tuple(VOC_CLASSES)
+    if os.path.isfile(spec):
+        with open(spec, "r", encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise SchemaError(f"--classes {spec[:200]!r} names no classes")
+    if names[0] != "__background__":
+        names = ["__background__"] + names
+    return tuple(names)
+
+
+def detect_image(net: Any, im, classes: Sequence[str], thresh: float, nms_thresh: float
+                 ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, int, Any]], int]:
+    """Detections of one image: ``(json-ready list, per-class arrays for drawing, #proposals)``."""
+    import torch
+
+    from caffe_compat.boxes import nms
+    from caffe_compat.errors import ShapeError
+    from caffe_compat.frcnn.test import im_detect
+
+    scores, boxes = im_detect(net, im)
+    if scores.shape[1] != len(classes):
+        raise ShapeError(f"the net scores {scores.shape[1]} classes but --classes names {len(classes)} "
+                         f"(background included): {', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}")
+    found: List[Dict[str, Any]] = []
+    per_class: List[Tuple[str, int, Any]] = []
+    for j in range(1, len(classes)):
+        cls_scores = scores[:, j].to(torch.float32)
+        cls_boxes = boxes[:, 4 * j:4 * (j + 1)].to(torch.float32)
+        keep = nms(cls_boxes, cls_scores, float(nms_thresh))
+        dets = torch.cat([cls_boxes[keep], cls_scores[keep, None]], dim=1).cpu().numpy()
+        dets = dets[dets[:, 4] >= thresh]
+        if len(dets) == 0:
+            continue
+        per_class.append((classes[j], j, dets))
+        for d in dets:
+            found.append({"class": classes[j], "class_index": j, "score": float(d[4]),
+                          "box": [float(v) for v in d[:4]]})
+    found.sort(key=lambda r: -r["score"])
+    return found, per_class, int(scores.shape[0])
+
+
+def output_name(path: str, used: set) -> str:
+    """A file name in the output folder for ``path``, unique among ``used`` (which it extends)."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    ext = ext.lower() if ext.lower() in WRITABLE else ".png"
+    name, k = stem + ext, 1
+    while name in used:
+        name = f"{stem}_{k}{ext}"
+        k += 1
+    used.add(name)
+    return name
+
+
+def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequence[str], *,
+                  thresh: float = 0.8, nms_thresh: float = 0.3,
+                  sync: Optional[Callable[[], None]] = None) -> Iterator[ImageRecord]:
+    """Detect, draw into ``out_dir`` and yield one record per image, as each finishes
+    (so a caller can show progress).  ``sync`` waits for the device before timing."""
+    import cv2
+
+    from caffe_compat.errors import DataError
+    from caffe_compat.frcnn.test import Timer, read_image
+    from caffe_compat.frcnn.vis import draw_detections
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the output folder: {e}", where=out_dir) from None
+    used: set = set()
+    for path in images:
+        im = read_image(path)
+        timer = Timer(sync)
+        timer.tic()
+        found, per_class, num_props = detect_image(net, im, classes, thresh, nms_thresh)
+        timer.toc()
+        drawn = draw_detections(im, per_class, thresh=thresh)
+        out_path = os.path.join(out_dir, output_name(path, used))
+        if not cv2.imwrite(out_path, drawn):
+            raise DataError("cannot write image", where=out_path)
+        yield {"image": os.path.abspath(path), "output": os.path.abspath(out_path),
+               "width": int(im.shape[1]), "height": int(im.shape[0]),
+               "num_proposals": num_props, "time_s": timer.diff, "detections": found}
+
+
+def write_detections_json(out_dir: str, records: Sequence[ImageRecord], *, model: str, weights: str,
+                          classes: Sequence[str], thresh: float, nms_thresh: float) -> str:
+    """Write ``out_dir/detections.json`` atomically; returns its path."""
+    from caffe_compat.atomic import atomic_write
+
+    doc = {"model": os.path.abspath(model), "weights": os.path.abspath(weights), "classes": list(classes),
+           "thresh": thresh, "nms": nms_thresh, "images": list(records)}
+    json_path = os.path.join(out_dir, "detections.json")
+    atomic_write(json_path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+    return json_path
