@@ -46,6 +46,8 @@ proto:
 	protos/generate.sh
 golden:
 	for f in tests/golden/make_*.py; do ../shared/tools/caffe-oracle/py $$f || exit 1; done
+	# real Caffe reading caffe-compat's own files: runs in the project's venv, calls the oracle
+	$(BIN)/python tests/golden/record_hdf5_readback.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -136,14 +136,26 @@ class NetBlob(Blob):
 
 
 class SplitTopBlob(NetBlob):
-    """A top of an inserted split layer: its data *is* the source blob's (Caffe's split
-    layer shares the bottom's data with every top), its diff is its own."""
+    """A top of an inserted split layer.  Its diff is its own; its data is its own memory
+    until the split layer first runs forward, and from then on *is* the source blob's:
+    Caffe's SplitLayer only reshapes its tops at set-up and calls ``ShareData`` in Forward,
+    so before any forward (a script writing blobs by hand, then ``net.backward()``) each
+    split top holds what was written into it."""
 
-    __slots__ = ("_src",)
+    __slots__ = ("_src", "_shared")
 
     def __init__(self, src: NetBlob):
         NetBlob.__init__(self, src.shape)
         self._src = src
+        self._shared = False
+
+    def share(self) -> None:
+        """The split layer ran forward: from now on the data is the source's (ShareData)."""
+        self._shared = True
+
+    @property
+    def shared(self) -> bool:
+        return self._shared
 
     def _match(self) -> None:
         s = self._src.shape
@@ -152,7 +164,10 @@ class SplitTopBlob(NetBlob):
 
     @property
     def data(self) -> np.ndarray:
-        return self._src.data
+        if self._shared:
+            return self._src.data
+        self._match()
+        return self._array(0)
 
     @property
     def diff(self) -> np.ndarray:
@@ -171,27 +186,27 @@ class SplitTopBlob(NetBlob):
         return self._src._legacy(index)
 
     def _put(self, k: int, t: Tensor) -> None:
-        if k == 1:
-            NetBlob._put(self, 1, t)
+        if k == 1 or not self._shared:
+            NetBlob._put(self, k, t)
 
     def _fill(self, k: int, value: float) -> None:
-        if k == 1:
-            self._match()
-            NetBlob._fill(self, 1, value)
-        else:
+        if k == 0 and self._shared:
             self._src._fill(0, value)
+            return
+        self._match()
+        NetBlob._fill(self, k, value)
 
     def _current(self, k: int) -> "Tuple[Optional[Tensor], Optional[np.ndarray]]":
-        if k == 0:
+        if k == 0 and self._shared:
             return self._src._current(0)
         self._match()
-        return NetBlob._current(self, 1)
+        return NetBlob._current(self, k)
 
     def _tensor(self, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-        if k == 0:
+        if k == 0 and self._shared:
             return self._src._tensor(0, device, dtype)
         self._match()
-        return NetBlob._tensor(self, 1, device, dtype)
+        return NetBlob._tensor(self, k, device, dtype)
 
 
 class ParamBlob(Blob):

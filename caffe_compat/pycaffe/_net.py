@@ -292,7 +292,7 @@ class Net:
         feed: Dict[str, Tensor] = {}
         for n, blob in self.blobs.items():
             for k, store in ((0, core.blobs), (1, core.diffs)):
-                if k == 0 and isinstance(blob, SplitTopBlob):
+                if k == 0 and isinstance(blob, SplitTopBlob) and blob.shared:
                     continue  # the source blob's data
                 if not self._changed(n, blob, k, store.get(n)):
                     continue
@@ -326,7 +326,7 @@ class Net:
         holds, else kept as tensors until asked for)."""
         core = self._core
         for n, blob in self.blobs.items():
-            if not isinstance(blob, SplitTopBlob):
+            if not (isinstance(blob, SplitTopBlob) and blob.shared):
                 t = core.blobs.get(n)
                 if t is not None and t is not self._seen[0].get(n):
                     blob._put(0, t)
@@ -379,6 +379,10 @@ class Net:
         self._feed_memory(start, end)
         self._core.forward(start=start, end=end)
         self._pull()
+        for s in self._steps[start:end + 1]:
+            if s.is_split:  # Caffe's SplitLayer::Forward: ShareData from now on
+                for t in s.tops:
+                    self.blobs[t].share()
         loss = self._core.loss
         return 0.0 if loss is None else float(loss)
 

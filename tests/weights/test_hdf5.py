@@ -1,13 +1,12 @@
 """Caffe's HDF5 weights (``*.caffemodel.h5``) and solver states (``*.solverstate.h5``):
 round trips, files laid out as Caffe writes them, Caffe's own files
 (tests/golden/hdf5/sgd_hdf5.npz from tests/golden/make_hdf5.py), refusals, ``convert``,
-pycaffe's ``save_hdf5``/``load_hdf5`` and ``snapshot_format: HDF5`` resumes.  When the Caffe
-oracle is built, real Caffe also restores and loads the files written here."""
+pycaffe's ``save_hdf5``/``load_hdf5`` and ``snapshot_format: HDF5`` resumes, and real Caffe
+restoring and loading the files written here (tests/golden/hdf5/caffe_reads_ours.npz)."""
 from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import h5py
@@ -26,7 +25,6 @@ from test_weights import (SHARED, TINY, assert_same_state, blob_bytes, net_value
                           run_cli, tiny_net)
 
 GOLDEN = ROOT / "tests" / "golden" / "hdf5" / "sgd_hdf5.npz"
-ORACLE = ROOT.parent / "shared" / "tools" / "caffe-oracle" / "py"
 
 
 def _datasets(path) -> dict:
@@ -563,33 +561,41 @@ def test_frcnn_trainer_refuses_hdf5_plain_nets_get_it(tmp_path):
         assert int(np.asarray(f["iter"]).reshape(-1)[0]) == 2
 
 
-# ---------------------------------------------------------------------- real Caffe, when built
-def _oracle_built() -> bool:
-    home = pathlib.Path(os.environ.get("ORACLE_DIR", pathlib.Path.home() / ".cache" / "caffe-oracle"))
-    return ORACLE.exists() and (home / "src" / "python" / "caffe" / "_caffe.so").exists()
+# ---------------------------------------------------------------------- real Caffe reads ours
+READBACK = ROOT / "tests" / "golden" / "hdf5" / "caffe_reads_ours.npz"
 
 
-@pytest.mark.skipif(not _oracle_built(), reason="Caffe oracle not built (../shared/tools/caffe-oracle)")
 def test_caffe_restores_and_loads_our_hdf5_files(golden, tmp_path):
-    """Real Caffe restores our .solverstate.h5 (history in its layout, learned_net) and
-    continues like our uninterrupted run; its load_hdf5 reads our weights bit for bit."""
+    """Real Caffe restored our .solverstate.h5 (history in its layout, learned_net) and
+    continued like our uninterrupted run, and its load_hdf5 read our weights bit for bit
+    (recorded by tests/golden/record_hdf5_readback.py with the Caffe oracle).  Today's
+    writer must still write exactly the datasets Caffe read then."""
     k, steps = int(golden["state_iter"]), int(golden["steps"])
-    a = _golden_solver(golden, tmp_path)
-    a.step(steps)
+    rec = np.load(READBACK)
     b = _golden_solver(golden, tmp_path)
     b.step(k)
-    model, state = b.snapshot()
+    b.snapshot()
     b.net.save_weights(str(tmp_path / "ours.caffemodel.h5"))
-    r = subprocess.run([str(ORACLE), str(ROOT / "tests" / "golden" / "make_hdf5.py"), "--check",
-                        str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = np.load(tmp_path / "caffe_check.npz")
-    assert int(got["iter"]) == k
+    for pattern in ("snap_iter_{k}.solverstate.h5", "snap_iter_{k}.caffemodel.h5", "ours.caffemodel.h5"):
+        prefix = f"ours/{pattern}/"
+        want = {key[len(prefix):]: rec[key] for key in rec.files if key.startswith(prefix)}
+        got = {key: np.asarray(v) for key, v in _datasets(tmp_path / pattern.format(k=k)).items()
+               if v is not None}
+        assert want and sorted(got) == sorted(want), (pattern, sorted(got), sorted(want))
+        for key, v in want.items():
+            if v.dtype.kind == "S":  # learned_net: a path, written in another scratch folder
+                assert os.path.basename(bytes(got[key])) == os.path.basename(bytes(v)), (pattern, key)
+                continue
+            assert got[key].dtype == v.dtype and np.array_equal(got[key], v), (pattern, key)
+    assert int(rec["caffe/iter"]) == k
     ours_k = _params(b.net)
     for (ln, i), v in ours_k.items():
-        assert np.array_equal(got[f"loaded/{ln}/{i}"], v), (ln, i)
-    resumed = {(key.split("/")[1], int(key.split("/")[2])): got[key] for key in got.files
-               if key.startswith("resumed/")}
+        assert np.array_equal(rec[f"caffe/loaded/{ln}/{i}"], v), (ln, i)
+    a = _golden_solver(golden, tmp_path)
+    a.step(steps)
+    resumed = {(key.split("/")[2], int(key.split("/")[3])): rec[key] for key in rec.files
+               if key.startswith("caffe/resumed/")}
+    assert len(resumed) == len(ours_k)
     _assert_close(resumed, _params(a.net))
 
 
