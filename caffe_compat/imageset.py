@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -206,13 +205,10 @@ def check_new_db(db: str, tool: str = "convert_imageset") -> str:
 
 def new_db_folder(db: str, tool: str = "convert_imageset") -> str:
     """A temporary folder beside ``db`` (renamed to ``db`` when complete); refuses existing ``db``."""
-    parent = check_new_db(db, tool)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(db)) + ".", suffix=".tmp",
-                           dir=parent)
-    from caffe_compat.atomic import _umask
+    check_new_db(db, tool)
+    from caffe_compat.atomic import temp_dir_next_to
 
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
+    return temp_dir_next_to(os.path.abspath(db))  # an interrupted build's folder goes first
 
 
 @dataclass
@@ -381,6 +377,11 @@ def compute_image_mean(db: str, out: Optional[str] = None, *, backend: str = "lm
     shaped image is refused here).  ``out``, when given, gets the BlobProto, atomically.
     """
     refuse_backend(backend)
+    if out is not None:  # before the (long) pass over the database
+        from caffe_compat.atomic import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs(out, [("database", db), ("database file", os.path.join(db, "data.mdb")),
+                                        ("database lock file", os.path.join(db, "lock.mdb"))], "the mean file")
     acc: Optional[np.ndarray] = None
     shape: Tuple[int, ...] = ()
     count = 0

@@ -23,8 +23,30 @@ from caffe_compat.protos import caffe_pb2
 PathOrText = Union[str, "os.PathLike[str]"]
 
 
+#: suffixes of the files a definition, weights or data path names; a string ending in one is
+#: a path, never prototxt text (unless it holds a quoted string or a newline)
+FILE_SUFFIXES = (".prototxt", ".pt", ".pbtxt", ".txt", ".proto", ".solver", ".caffemodel", ".binaryproto",
+                 ".solverstate", ".h5", ".hdf5", ".safetensors", ".pth", ".pkl", ".npz", ".npy", ".gz",
+                 ".json", ".yml", ".yaml", ".cfg", ".model", ".bin")
+#: the start of a prototxt: a field name and ``:``, ``{`` or ``<`` (``name:`` but not a URL's
+#: ``http://`` or a Windows drive's ``C:\``)
+_TEXT_START = re.compile(r"\s*(#|[A-Za-z_]\w*\s*(\{|<|:(?![/\\])))")
+
+
 def _looks_like_text(s: str) -> bool:
-    return "\n" in s or "{" in s or ":" in s and not os.path.exists(s)
+    """Whether a string that is not an existing file is prototxt text rather than a path.
+
+    Text: it holds a newline; or it starts like a prototxt (a field name then ``:``/``{``, or
+    a ``#`` comment) and does not end in a file suffix (:data:`FILE_SUFFIXES`) unless it holds a
+    quoted string.  So ``'name: "n" layer { ... }'`` on one line is text, while a missing
+    ``models/a:b.prototxt``, ``x{1}.prototxt`` or ``models/a:b`` is a path and gets "No such
+    file or directory", never a prototxt syntax error.
+    """
+    if "\n" in s:
+        return True
+    if s.rstrip().lower().endswith(FILE_SUFFIXES) and '"' not in s:
+        return False
+    return _TEXT_START.match(s) is not None
 
 
 _ENUM_NAME = re.compile(r'Enum type "([\w.]+)" has no value (named (\S+?)|with number (-?\d+))\.?$')
@@ -92,27 +114,32 @@ def parse_text(text: str, message, filename: str = "<string>", *, strict: bool =
     Errors name file:line:col and the offending line; a bad enum name lists the allowed
     values, an unknown field name its near matches.  With ``strict`` a singular field given
     twice is an error, as in Caffe (protobuf's ``Merge`` silently keeps the last one).
+    Memory stays proportional to the text (:mod:`caffe_compat.text_parse`: no per-character
+    regex state, no list of lines, lists and nesting bounded), and a message quotes at most
+    a window of the text.
     """
+    from caffe_compat.errors import shorten
+    from caffe_compat.text_parse import line_at, parse
+
     _check_text_size(len(text), filename)
     try:
-        (text_format.Parse if strict else text_format.Merge)(text, message, allow_unknown_extension=False)
+        parse(text, message, filename, strict=strict)
     except text_format.ParseError as e:
         line, col = e.GetLine(), e.GetColumn()
         msg = str(e)
         # protobuf prefixes "line:col : " and often "'<the line>': "; keep only the reason
         if line is not None and msg.startswith(f"{line}:"):
             msg = msg.split(" : ", 1)[-1]
-        lines = text.splitlines()
+        full = line_at(text, line) if line is not None else ""
         snippet = ""
-        if line is not None and 1 <= line <= len(lines):
-            snippet = lines[line - 1]
-            quoted = f"'{snippet}': "
+        if full:
+            quoted = f"'{full}': "
             if msg.startswith(quoted):
                 msg = msg[len(quoted):]
-            snippet = _window(snippet, col or 1)
-        if col and line is not None and 1 <= line <= len(lines) and msg.startswith(
-                ("Value out of range", "Couldn't parse", "Invalid value")):
-            m = re.search(r"(\w+)\s*:\s*$", lines[line - 1][:max(col - 1, 0)])
+            snippet = _window(full, col or 1)
+        msg = shorten(msg, 200)  # a reason may quote a token (a 60 MB string or number)
+        if col and full and msg.startswith(("Value out of range", "Couldn't parse", "Invalid value")):
+            m = re.search(r"(\w+)\s*:\s*$", full[max(col - 1 - 200, 0):max(col - 1, 0)])
             if m:
                 msg += f" for field '{m.group(1)}'"
         src = f" (in: {snippet!r})" if snippet else ""
@@ -123,7 +150,7 @@ def parse_text(text: str, message, filename: str = "<string>", *, strict: bool =
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         # protobuf's text parser raising something other than ParseError (never seen on
         # Caffe's schema, but the text is untrusted)
-        raise ParseError(f"unparsable text ({type(e).__name__}: {e})", where=filename) from None
+        raise ParseError(f"unparsable text ({type(e).__name__}: {shorten(e, 200)})", where=filename) from None
     return message
 
 
@@ -185,6 +212,8 @@ def read_text_file(path: PathOrText, *, what: str = "prototxt") -> str:
 
 
 def _text_and_name(source: PathOrText, what: str):
+    """(text, name) of a definition given as a path or as its text: an existing path is read;
+    otherwise :func:`_looks_like_text` decides, so a missing path is "No such file"."""
     if isinstance(source, (bytes, bytearray)):
         raise ParseError(f"expected a {what} path or text, got bytes (a binary file's content?)")
     src = os.fspath(source)
@@ -302,11 +331,15 @@ def read_binaryproto(path: PathOrText) -> np.ndarray:
 
 
 def blob_shape(blob: "caffe_pb2.BlobProto") -> tuple:
-    """A BlobProto's shape: ``shape.dim``, else the legacy 4-D num/channels/height/width."""
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim)
+    """A BlobProto's shape, by Caffe's rule (``Blob::FromProto`` and ``Blob::ShapeEquals``
+    alike): when any of the legacy num/channels/height/width is present, the shape is the 4-D
+    (num, channels, height, width), unset ones 0, and ``shape`` is ignored even if present;
+    otherwise ``shape.dim``.  (Caffe reads a blob with neither as a scalar; this also takes
+    a bare list of values as 1-D.)"""
     if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
         return (blob.num, blob.channels, blob.height, blob.width)
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
     n = len(blob.data) or len(blob.double_data)
     return (n,) if n else (0,)
 

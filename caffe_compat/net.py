@@ -12,25 +12,26 @@ The builder knows nothing about individual layer types: it only uses the Layer c
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, SchemaError, ShapeError,
-                                 UnknownLayerError)
+from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, LimitError, SchemaError,
+                                 ShapeError, UnknownLayerError, name_list, shorten)
 from caffe_compat.forward_backward import LayerRef, Record, backward_from_to, forward_from_to, step_index
 from caffe_compat.fuse import fold_batchnorm_into_conv
 from caffe_compat.insert_splits import Step, insert_splits, mark_need_backward
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
-from caffe_compat.limits import check_shape
+from caffe_compat import limits
 from caffe_compat.net_state import filter_net, make_state
 from caffe_compat.precision import exact_fp32
 from caffe_compat.protos import caffe_pb2
@@ -66,6 +67,79 @@ class LayerEntry:
 
 def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (as it was before, after).
+
+    A build makes about fifteen containers a layer and no garbage cycles; the collector's
+    passes over everything built so far were a third of a large net's build time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _names(names) -> str:
+    return name_list(names, limit=20)
+
+
+#: BlobProto fields that hold data (bounded by the file that holds them, not counted here)
+_BLOB_DATA = frozenset(("data", "diff", "double_data", "double_diff"))
+
+
+def _check_lists(msg, layer: str, path: str, max_len: int) -> None:
+    """Every repeated field under ``msg`` within ``max_len`` values, every BlobShape within
+    Caffe's 32 axes (the parsed definition is walked once: linear in its size)."""
+    is_blob = msg.DESCRIPTOR.name == "BlobProto"
+    for fd, value in msg.ListFields():
+        if is_blob and fd.name in _BLOB_DATA:
+            continue
+        where = f"{path}{fd.name}"
+        if _is_repeated(fd):
+            n = len(value)
+            if fd.name == "dim" and msg.DESCRIPTOR.name == "BlobShape" and n > limits.MAX_BLOB_AXES:
+                raise ShapeError(f"{where} has {n} dims; Caffe allows at most {limits.MAX_BLOB_AXES} "
+                                 "axes (kMaxBlobAxes)", layer=layer)
+            if n > max_len:
+                raise LimitError(f"{where} has {n} values, over the limit of {max_len} "
+                                 f"({limits.how_to_raise('max_list_length')})", layer=layer)
+            if fd.message_type is not None:
+                for i, v in enumerate(value):
+                    _check_lists(v, layer, f"{where}[{i}].", max_len)
+        elif fd.message_type is not None:
+            _check_lists(value, layer, f"{where}.", max_len)
+
+
+def _is_repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 5; older ones have only ``label``
+    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def check_definition(param: "caffe_pb2.NetParameter", where: Optional[str] = None) -> None:
+    """Refuse a definition whose counts are over ``caffe_compat.limits`` before anything is
+    built: its layers (``max_layers``), the length of every list in a layer (tops, bottoms,
+    param specs, blobs, include rules, dims... ``max_list_length``) and the axes of every
+    declared shape (Caffe's 32).  Building is linear in all of them; these bound it."""
+    n_layers = len(param.layer) + len(param.layers)
+    limit = limits.get("max_layers")
+    if n_layers > limit:
+        raise LimitError(f"the net has {n_layers} layers, over the limit of {limit} "
+                         f"({limits.how_to_raise('max_layers')})", where=where)
+    max_len = limits.get("max_list_length")
+    for field in ("input", "input_shape", "input_dim"):
+        n = len(getattr(param, field))
+        if n > max_len:
+            raise LimitError(f"{field} has {n} values, over the limit of {max_len} "
+                             f"({limits.how_to_raise('max_list_length')})", where=where)
+    for shape in param.input_shape:
+        _check_lists(shape, "", "input_shape.", max_len)
+    for idx, lp in enumerate(param.layer):
+        _check_lists(lp, shorten(lp.name) or f"#{idx}", "", max_len)
 
 
 class Net(nn.Module):
@@ -116,6 +190,10 @@ class Net(nn.Module):
             self.source = os.fspath(model) if os.path.exists(os.fspath(model)) else None
         else:
             raise TypeError(f"model must be a path, prototxt text or NetParameter, not {type(model)}")
+        try:  # counts it declares, before anything is built
+            check_definition(param, self.source)
+        except CaffeCompatError as e:
+            raise self._located(e) from None
         state = make_state(param, phase, level, stages)
         self.state = state
         self.phase = TRAIN if state.phase == caffe_pb2.TRAIN else TEST
@@ -130,7 +208,7 @@ class Net(nn.Module):
             source_dir=os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd(),
             allow_python_layers=bool(allow_python_layers),
             stages=tuple(state.stage), level=int(state.level), extra=dict(context or {}),
-            source=self.source)
+            source=self.source, budget=limits.NetBudget())
         self._input_overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._fed: Dict[str, Tensor] = {}
         self.memory_format = torch.contiguous_format
@@ -143,18 +221,33 @@ class Net(nn.Module):
         self._layerwise = False                 # the last forward ran layer by layer
         self._steps_key: Optional[tuple] = None
         try:
-            self._build()
-        except CaffeCompatError as e:  # name the prototxt line of the failing layer
-            if e.where is None and e.layer and self.source:
-                from caffe_compat.io import locate_layer
-
-                raise e.located(where=locate_layer(self.source, e.layer)) from None
-            raise
+            with _collector_paused():
+                self._build()
+        except CaffeCompatError as e:
+            located = self._located(e)
+            if located is e:
+                raise
+            raise located from None
+        unknown = [k for k in self._input_overrides if k not in self.input_names]
+        if unknown:  # after the build: only then are the net's inputs known
+            shown = ", ".join(repr(k[:80]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise GraphError(f"input shape given for {shown}, which is not an input of this net; its "
+                             f"inputs are: {', '.join(self.input_names[:20]) or 'none'}"
+                             + (" ..." if len(self.input_names) > 20 else ""), where=self.source)
         self.train(self.phase == TRAIN)
         if device is not None:
             self.to(device)
         if weights is not None:
             self.load_weights(weights, allow_missing=allow_missing)
+
+    def _located(self, e: CaffeCompatError) -> CaffeCompatError:
+        """``e`` naming the prototxt line of its layer (or the file, when the layer is not
+        written there, e.g. the Input layer an upgrade made)."""
+        if e.where is None and e.layer and self.source:
+            from caffe_compat.io import locate_layer
+
+            return e.located(where=locate_layer(self.source, e.layer) or self.source)
+        return e
 
     def __setattr__(self, name: str, value) -> None:
         # Layer names live in _modules and may equal the net's own attributes ('loss',
@@ -176,6 +269,8 @@ class Net(nn.Module):
         shapes: Dict[str, Optional[Shape]] = {}
         available: "OrderedDict[str, None]" = OrderedDict()
         seen_names = set()
+        next_suffix: Dict[str, int] = {}  # per name, the next '_k' to try: duplicates stay linear
+        budget = self._ctx.budget
         force_backward = self.net_param.force_backward
         self._check_types()
         fork_lp = self.schema.LayerParameter if self.schema is not None else None
@@ -184,71 +279,89 @@ class Net(nn.Module):
                 lp = fork_lp.FromString(lp.SerializeToString())
             name = lp.name or f"{lp.type.lower() or 'layer'}{idx}"
             key = name
-            k = 1
-            while key in seen_names:  # Caffe allows duplicate names (the last one wins lookups)
+            if key in seen_names:  # Caffe allows duplicate names (the last one wins lookups)
+                k = next_suffix.get(name, 1)
+                while f"{name}_{k}" in seen_names:  # each name is skipped once: linear in all
+                    k += 1
                 key = f"{name}_{k}"
-                k += 1
+                next_suffix[name] = k + 1
             seen_names.add(key)
-            for b in lp.bottom:
+            bottoms, tops = list(lp.bottom), list(lp.top)  # read once: each access builds a view
+            for b in bottoms:
                 if b not in shapes:
-                    raise GraphError(f"unknown bottom blob '{b}' (no earlier layer produces it; "
-                                     f"known blobs: {', '.join(shapes) or 'none'})", layer=name)
-            bottom_shapes = [shapes[b] for b in lp.bottom]
+                    raise GraphError(f"unknown bottom blob '{shorten(b)}' (no earlier layer produces it; "
+                                     f"known blobs: {_names(shapes) or 'none'})", layer=name)
+            bottom_shapes = [shapes[b] for b in bottoms]
             cls = registry.resolve(lp)
             module: Optional[Layer] = None
             reason = ""
             if any(s is None for s in bottom_shapes):
-                unknown = [b for b in lp.bottom if shapes[b] is None]
-                reason = f"shape of bottom(s) {', '.join(unknown)} unknown (data source absent?)"
-                top_shapes: List[Optional[Shape]] = [None] * len(lp.top)
+                unknown = [b for b in bottoms if shapes[b] is None]
+                reason = f"shape of bottom(s) {_names(unknown)} unknown (data source absent?)"
+                top_shapes: List[Optional[Shape]] = [None] * len(tops)
             else:
                 module = cls(lp, [tuple(s) for s in bottom_shapes], self._ctx)
                 if module.name != name:
                     module.name = name
                 top_shapes = self._infer(module, bottom_shapes, name)
-            if len(top_shapes) != len(lp.top):
-                raise GraphError(f"{lp.type} produced {len(top_shapes)} tops but the definition names "
-                                 f"{len(lp.top)}", layer=name)
-            for t, ts in zip(lp.top, top_shapes):
-                if ts is not None:  # a definition may declare absurd shapes: refuse, don't allocate
-                    check_shape(ts, what=f"top '{t}'", layer=name)
-            for i, t in enumerate(lp.top):
-                in_place = i < len(lp.bottom) and lp.bottom[i] == t
+            if len(top_shapes) != len(tops):
+                raise GraphError(f"{shorten(lp.type)} produced {len(top_shapes)} tops but the definition "
+                                 f"names {len(tops)}", layer=name)
+            from_nothing = module is not None and not bottoms and not module.blob_names
+            for i, (t, ts) in enumerate(zip(tops, top_shapes)):
+                if ts is None:
+                    continue
+                # a definition may declare absurd shapes: refuse, don't allocate
+                budget.check(ts, what=f"top '{shorten(t)}'", layer=name)
+                if from_nothing:  # a forward makes these (inputs, data layers): charge them
+                    budget.charge(ts, what=f"top '{shorten(t)}'", layer=name, key=(id(module), "top", i))
+            bottom_set = set(bottoms)
+            for i, t in enumerate(tops):
+                in_place = i < len(bottoms) and bottoms[i] == t
                 if t in shapes and not in_place:
-                    if t in lp.bottom:
-                        raise GraphError(f"top '{t}' is an in-place top at the wrong position "
+                    if t in bottom_set:
+                        raise GraphError(f"top '{shorten(t)}' is an in-place top at the wrong position "
                                          "(Caffe pairs top i with bottom i)", layer=name)
-                    raise GraphError(f"top blob '{t}' is produced by more than one layer", layer=name)
+                    raise GraphError(f"top blob '{shorten(t)}' is produced by more than one layer",
+                                     layer=name)
                 if t not in shapes:
                     self.blob_names.append(t)
                 shapes[t] = top_shapes[i]
-            for b in lp.bottom:
+            for b in bottoms:
                 available.pop(b, None)
-            for t in lp.top:
+            for t in tops:
                 available[t] = None
             if module is not None and module.accepts_feed:
-                self.input_names.extend(lp.top)
+                self.input_names.extend(tops)
             # loss weights: Caffe's SetLossWeights
-            if len(lp.loss_weight):
-                if len(lp.loss_weight) != len(lp.top):
-                    raise SchemaError(f"loss_weight must be given once per top ({len(lp.top)}), "
-                                      f"got {len(lp.loss_weight)}", layer=name)
-                weights = [float(w) for w in lp.loss_weight]
+            loss_weight, propagate_down = lp.loss_weight, lp.propagate_down
+            if len(loss_weight):
+                if len(loss_weight) != len(tops):
+                    raise SchemaError(f"loss_weight must be given once per top ({len(tops)}), "
+                                      f"got {len(loss_weight)}", layer=name)
+                weights = [float(w) for w in loss_weight]
             elif getattr(cls, "is_loss", False):
-                weights = [1.0] + [0.0] * (len(lp.top) - 1)
+                weights = [1.0] + [0.0] * (len(tops) - 1)
             else:
-                weights = [0.0] * len(lp.top)
-            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
-                raise SchemaError(f"propagate_down must be given once per bottom ({len(lp.bottom)}), "
-                                  f"got {len(lp.propagate_down)}", layer=name)
-            prop = [bool(p) for p in lp.propagate_down] if len(lp.propagate_down) else [True] * len(lp.bottom)
-            entry = LayerEntry(name, lp.type, module, list(lp.bottom), list(lp.top), weights, prop, reason)
+                weights = [0.0] * len(tops)
+            if len(propagate_down) and len(propagate_down) != len(bottoms):
+                raise SchemaError(f"propagate_down must be given once per bottom ({len(bottoms)}), "
+                                  f"got {len(propagate_down)}", layer=name)
+            prop = [bool(p) for p in propagate_down] if len(propagate_down) else [True] * len(bottoms)
+            entry = LayerEntry(name, lp.type, module, bottoms, tops, weights, prop, reason)
             self.entries.append(entry)
             if module is not None:
                 # bypass add_module's name checks: Caffe names may contain '.' or shadow
                 # nn.Module attributes; state-dict keys stay '<layer>.<param>'.
                 self._modules[key] = module
-                self._register_params(module, lp, key)
+                if module.blob_names:
+                    self._register_params(module, lp, key)
+                elif len(lp.param):
+                    raise SchemaError(f"{len(lp.param)} param specs given but the layer has 0 blobs",
+                                      layer=name)
+        for info in self.param_infos.values():  # once all sharers have said their lr_mult
+            if info.lr_mult == 0:
+                info.param.requires_grad_(False)
         self.blob_shapes = shapes
         # Caffe's net outputs: blobs still available at the end, in std::set (sorted) order
         self.output_names: List[str] = sorted(available)
@@ -317,6 +430,7 @@ class Net(nn.Module):
                     raise SchemaError("PERMISSIVE sharing between different shapes of equal count is "
                                       "not supported", layer=module.name)
                 module._parameters[attr] = owner
+                self._ctx.budget.refund(tensor.numel())  # its own copy is dropped
                 # Caffe: a sharer's explicit lr_mult/decay_mult must agree with the owner's
                 if lr is not None:
                     if info.lr_mult != lr and getattr(info, "_lr_set", False):
@@ -334,9 +448,6 @@ class Net(nn.Module):
             self.param_infos[key] = info
             if share:
                 self._share_owner[share] = (key, module.name)
-        for info in self.param_infos.values():
-            if info.lr_mult == 0:
-                info.param.requires_grad_(False)
 
     # ------------------------------------------------------------------ access
     def layer(self, name: str) -> Layer:
@@ -352,14 +463,33 @@ class Net(nn.Module):
     def caffe_steps(self) -> List[Step]:
         """The net as Caffe runs it: the layers with Caffe's split layers inserted, each with
         Net::Init's need-backward flags (:mod:`caffe_compat.insert_splits`)."""
+        pinned = self.__dict__.get("_pass")
+        if pinned is not None:  # inside a ranged pass: checked once at its start
+            return pinned[0]
         key = tuple((id(e), tuple(e.bottoms), tuple(e.tops)) for e in self.entries)
         if key != self._steps_key:
-            steps, shares = insert_splits(self.entries, list(self.net_param.layer))
-            mark_need_backward(steps, bool(self.net_param.force_backward))
+            with _collector_paused():  # (a step per layer, as in the build)
+                steps, shares = insert_splits(self.entries, list(self.net_param.layer))
+                mark_need_backward(steps, bool(self.net_param.force_backward))
             self.__dict__["_steps"], self.__dict__["_split_sources"] = steps, shares
             self._steps_key = key
             self._records.clear()
         return self.__dict__["_steps"]
+
+    @contextlib.contextmanager
+    def _ranged_pass(self) -> Iterator[List[Step]]:
+        """One layer-by-layer forward or backward: Caffe's steps, the device and the dtype
+        are looked up once for it (each looks at the whole net: per blob, a pass over n
+        layers was quadratic)."""
+        if self.__dict__.get("_pass") is not None:
+            yield self.__dict__["_pass"][0]
+            return
+        pinned = (self.caffe_steps, self.device, self.dtype)
+        self.__dict__["_pass"] = pinned
+        try:
+            yield pinned[0]
+        finally:
+            self.__dict__["_pass"] = None
 
     @property
     def split_sources(self) -> Dict[str, str]:
@@ -382,6 +512,9 @@ class Net(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        pinned = self.__dict__.get("_pass")
+        if pinned is not None:
+            return pinned[1]
         for t in self.parameters():
             return t.device
         for t in self.buffers():
@@ -413,6 +546,9 @@ class Net(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        pinned = self.__dict__.get("_pass")
+        if pinned is not None:
+            return pinned[2]
         for t in self.parameters():
             return t.dtype
         return torch.float32
@@ -430,10 +566,13 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ running
     def _as_tensor(self, name: str, x) -> Tensor:
-        if isinstance(x, Tensor):
-            return x
-        arr = np.asarray(x)
-        return torch.as_tensor(arr, dtype=self.dtype, device=self.device)
+        """An input (or top diff) as a tensor of the net's float type: float data of another
+        precision is cast (a net without parameters keeps it), booleans and exactly
+        representable integers too, anything else is an InputError (:mod:`caffe_compat.inputs`)."""
+        from caffe_compat.inputs import as_blob_tensor
+
+        has_params = next(iter(self.parameters()), None) is not None
+        return as_blob_tensor(name, x, self.dtype, self.device, keep_float=not has_params)
 
     def channels_last(self, enable: bool = True) -> "Net":
         """Run convolutions in NHWC memory layout (opt-in; a CPU/GPU inference speed-up).
@@ -484,8 +623,9 @@ class Net(nn.Module):
             if start is None and end is None:
                 return self._forward(inputs)
             self.feed(**inputs)
-            steps = self.caffe_steps
-            self.loss = forward_from_to(self, self.step_index(start, 0), self.step_index(end, len(steps) - 1))
+            with self._ranged_pass() as steps:
+                self.loss = forward_from_to(self, self.step_index(start, 0),
+                                            self.step_index(end, len(steps) - 1))
             self._layerwise = True
             return OrderedDict((n, self.blobs[n]) for n in self.output_names if n in self.blobs)
 
@@ -536,13 +676,13 @@ class Net(nn.Module):
         runs from its bottoms as they are).
         """
         if self._layerwise or start is not None or end is not None or diffs:
-            steps = self.caffe_steps
-            for k, v in diffs.items():
-                if k not in self.blob_names and k not in self.split_sources:
-                    raise GraphError(f"'{k}' is not a blob of this net")
-                self.diffs[k] = self._as_tensor(k, v)
-            with self.precision():
-                backward_from_to(self, self.step_index(start, len(steps) - 1), self.step_index(end, 0))
+            with self._ranged_pass() as steps:
+                for k, v in diffs.items():
+                    if k not in self.blob_shapes and k not in self.split_sources:
+                        raise GraphError(f"'{shorten(k)}' is not a blob of this net")
+                    self.diffs[k] = self._as_tensor(k, v)
+                with self.precision():
+                    backward_from_to(self, self.step_index(start, len(steps) - 1), self.step_index(end, 0))
             return
         if self.loss is None:
             raise GraphError("the net has no loss to backpropagate (run forward first; "
@@ -554,7 +694,8 @@ class Net(nn.Module):
         """Recompute every blob shape for new input shapes (Caffe's ``Net::Reshape``)."""
         for k, v in shapes.items():
             if k not in self.input_names:
-                raise GraphError(f"'{k}' is not an input of this net; inputs are: {', '.join(self.input_names)}")
+                raise GraphError(f"'{shorten(k)}' is not an input of this net; inputs are: "
+                                 f"{_names(self.input_names) or 'none'}")
             self._input_overrides[k] = tuple(int(d) for d in v)
         for k, t in self._fed.items():
             if k not in shapes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from caffe_compat.layers.base import shape_str

@@ -214,6 +214,7 @@ class TrainSolver(Solver):
         self.monitor: Optional[TrainingMonitor] = None
         #: first-format model file of every snapshot written, in order
         self.snapshot_paths: List[str] = []
+        self.check_snapshots_spare_inputs()
 
     # ------------------------------------------------------------------ names
     @property
@@ -227,6 +228,39 @@ class TrainSolver(Solver):
 
     def snapshot_filename(self, extension: str) -> str:
         return f"{self.prefix}_iter_{self.iter}{extension}"
+
+    def check_snapshots_spare_inputs(self) -> None:
+        """Refuse, before training, a run whose snapshots would replace a file it read: an
+        input (``--weights``, ``--snapshot``, the weights a state names) named like a snapshot
+        of an iteration this run can reach (``<prefix>_iter_N.<ext>`` beside the prefix, with
+        N after the current iteration and at most ``max_iter``; a stop signal can snapshot
+        any of them).  Fine-tuning from an earlier run's ``_iter_2000.caffemodel`` into the
+        same output would otherwise overwrite it at iteration 2000."""
+        import re
+
+        from caffe_compat.atomic import same_file
+        from caffe_compat.errors import SameFileError
+
+        prefix = os.path.abspath(self.prefix)
+        folder, stem = os.path.dirname(prefix), os.path.basename(prefix)
+        exts = "|".join(re.escape(e) for e in sorted(set(FORMATS.values()) | {
+            ".solverstate", ".caffemodel.h5", ".solverstate.h5"}, key=len, reverse=True))
+        pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(" + exts + r")$")
+        for role, path in getattr(self, "input_files", []):
+            m = pattern.match(os.path.basename(path))
+            if m is None or not same_file(os.path.dirname(os.path.abspath(path)) or ".", folder):
+                continue
+            n = int(m.group(1))
+            if self.iter < n <= int(self.param.max_iter):
+                raise SameFileError(f"the snapshot of iteration {n} would replace the input {role} {path} "
+                                    f"(snapshots are {prefix}_iter_N{m.group(2)}): choose another output "
+                                    "folder (--output) or snapshot_prefix, or move the input",
+                                    where=path)
+
+    def _refuse_overwriting_inputs(self, path: str) -> None:
+        from caffe_compat.atomic import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs(path, getattr(self, "input_files", []), "the snapshot")
 
     # ------------------------------------------------------------------ hooks
     def deploy_weights(self) -> ContextManager[None]:
@@ -257,6 +291,8 @@ class TrainSolver(Solver):
         """Write the weights in every format (as :meth:`deploy_weights` has them) and a
         .solverstate (``snapshot_format: HDF5``: Caffe's .caffemodel.h5 and .solverstate.h5)."""
         if self._hdf5_snapshots:
+            for ext in (".caffemodel.h5", ".solverstate.h5"):
+                self._refuse_overwriting_inputs(self.snapshot_filename(ext))
             model, state = super().snapshot()
             self.snapshot_paths.append(model)
             return model, state
@@ -267,6 +303,10 @@ class TrainSolver(Solver):
         except OSError as e:
             raise SolverError(f"cannot create the snapshot folder {folder}: {e}") from None
         models: List[str] = []
+        for fmt in self.formats:  # nothing is written if any file would replace an input
+            self._refuse_overwriting_inputs(base + FORMATS[fmt])
+        if self.save_state:
+            self._refuse_overwriting_inputs(base + ".solverstate")
         with self.deploy_weights():
             for fmt in self.formats:
                 path = base + FORMATS[fmt]
@@ -299,6 +339,7 @@ class TrainSolver(Solver):
         """Restore a snapshot, with the entries :meth:`_state_entries` wrote when it has them."""
         super().restore(state_path)
         self._last_snapshot_iter = self.iter
+        self.check_snapshots_spare_inputs()
         got = read_state_extras(os.fspath(state_path))
         if got is not None:
             self._restore_entries(got[0], got[1], os.fspath(state_path))

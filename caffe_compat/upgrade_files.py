@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO, List, Optional, Tuple, Union
 
-from caffe_compat import wire
+from caffe_compat import limits, wire
 from caffe_compat.errors import ParseError
 from caffe_compat.protos import caffe_pb2
 from caffe_compat.upgrade import UpgradeReport, solver_needs_upgrade, upgrade_net_with_report, upgrade_solver
@@ -134,14 +134,20 @@ def upgrade_solver_text_file(src: str, dst: str) -> UpgradeOutcome:
 # ----------------------------------------------------------------------------- binary
 
 def _strip_blobs(buf, a: int, b: int, blob_field: int, v0_field: Optional[int],
-                 ranges: List[Tuple[int, int]]) -> bytes:
+                 ranges: List[Tuple[int, int]], budget: "limits.FileBudget", message) -> bytes:
     """A layer message with each blob replaced by a placeholder BlobProto numbered into ``ranges``.
 
     ``v0_field``: the V1 layer's nested V0 ``layer`` (whose blobs are field 50), stripped too.
+    Blobs and list lengths are counted against the limits before protobuf parses the result.
     """
+    from caffe_compat.weights.caffemodel import _ListLengths
+
     out = bytearray()
+    lengths = _ListLengths(message, budget.where or "")
     for num, wt, x, y in wire.fields(buf, a, b):
+        lengths.add(num)
         if num == blob_field:
+            budget.count_blob()
             wire.expect_wire(num, wt, (wire.LEN,), "blobs")
             for _ in wire.fields(buf, x, y):  # framing check only; payloads stay unread
                 pass
@@ -149,7 +155,8 @@ def _strip_blobs(buf, a: int, b: int, blob_field: int, v0_field: Optional[int],
             out += wire.len_field(num, caffe_pb2.BlobProto(num=len(ranges)).SerializeToString())
         elif v0_field is not None and num == v0_field:
             wire.expect_wire(num, wt, (wire.LEN,), "V1LayerParameter.layer")
-            out += wire.len_field(num, _strip_blobs(buf, x, y, 50, None, ranges))
+            out += wire.len_field(num, _strip_blobs(buf, x, y, 50, None, ranges, budget,
+                                                    caffe_pb2.V0LayerParameter))
         else:
             out += wire.encode_field(num, wt, buf, x, y)
     return bytes(out)
@@ -161,12 +168,15 @@ def _skeleton(buf, size: int, where: str) -> Tuple[caffe_pb2.NetParameter, List[
 
     ranges: List[Tuple[int, int]] = []
     out = bytearray()
+    budget = limits.FileBudget(where)  # layers and blobs, counted before protobuf builds them
     try:
         for num, wt, a, b in wire.fields(buf, 0, size):
             if num in (2, 100):  # layers (V0/V1), layer (current)
                 wire.expect_wire(num, wt, (wire.LEN,),
                                  "NetParameter.layers" if num == 2 else "NetParameter.layer")
-                body = _strip_blobs(buf, a, b, 6 if num == 2 else 7, 1 if num == 2 else None, ranges)
+                budget.layer()
+                body = _strip_blobs(buf, a, b, 6 if num == 2 else 7, 1 if num == 2 else None, ranges,
+                                    budget, caffe_pb2.V1LayerParameter if num == 2 else caffe_pb2.LayerParameter)
                 out += wire.len_field(num, body)
             else:
                 out += wire.encode_field(num, wt, buf, a, b)

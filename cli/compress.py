@@ -10,7 +10,7 @@ import time
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import phase_option, python_layers_option
 
 
@@ -27,6 +27,7 @@ from caffe_compat.cli.options import phase_option, python_layers_option
                    "<stem>_svd_<X>_<l>... as Fast R-CNN's tool did.")
 @phase_option()
 @python_layers_option()
+@writes("out")
 @friendly
 def compress_command(definition, svd_definition, weights, out, phase, allow_python_layers):
     """Compress fully connected layers with a truncated SVD (Fast R-CNN, section 3.1)."""

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import phase_option, python_layers_option
 
 
@@ -24,6 +24,7 @@ from caffe_compat.cli.options import phase_option, python_layers_option
               help="Divide BatchNorm statistics by their scale factor (plain torch BN statistics).")
 @click.option("--allow-missing", is_flag=True, help="Let net layers without weights keep their fillers.")
 @python_layers_option()
+@writes("dst")
 @friendly
 def convert_command(src, dst, model, phase, fold_batchnorm, allow_missing, allow_python_layers):
     """Convert SRC weights to OUTPUT (format by extension)."""

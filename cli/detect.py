@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (cfg_options, check_file, config_scope, gpu_option,
                                       python_layers_option)
 
@@ -30,6 +30,7 @@ from caffe_compat.cli.options import (cfg_options, check_file, config_scope, gpu
                    "(background first or implied).")
 @gpu_option()
 @python_layers_option()
+@writes("out_dir")
 @friendly
 def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh, nms_thresh, classes_spec,
                    gpu, allow_python_layers):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import check_file
 
 
@@ -21,6 +21,7 @@ from caffe_compat.cli.options import check_file
               show_default=True, help="Draw only the layers of the TRAIN or TEST net.")
 @click.option("--display-lrm", "--display_lrm", "display_lrm", is_flag=True,
               help="Show the learning-rate multipliers of Convolution/InnerProduct layers.")
+@writes("out")
 @friendly
 def draw_command(net, out, rankdir, phase, display_lrm):
     """Draw the net definition NET to OUT (.dot text, or .png/.svg/.pdf... through Graphviz)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 
 _MAX_WARNINGS = 20
 
@@ -46,6 +46,7 @@ class _Log:
 @click.option("--encoded", is_flag=True, help="Store the encoded image (the file) in each Datum.")
 @click.option("--encode_type", "--encode-type", "encode_type", default="",
               help="Encode as this type (jpg, png...); implies --encoded.")
+@writes("db")
 @friendly
 def convert_imageset_command(root, listfile, db, gray, shuffle, seed, backend, resize_width,
                              resize_height, check_size, encoded, encode_type):
@@ -67,6 +68,7 @@ def convert_imageset_command(root, listfile, db, gray, shuffle, seed, backend, r
 @click.argument("db", metavar="INPUT_DB", type=click.Path())
 @click.argument("out", metavar="[OUTPUT_FILE]", required=False, type=click.Path(dir_okay=False))
 @click.option("--backend", default="lmdb", show_default=True, help="lmdb (leveldb is not supported).")
+@writes("out")
 @friendly
 def compute_image_mean_command(db, out, backend):
     """The mean image of INPUT_DB's Datums, written to OUTPUT_FILE (a .binaryproto BlobProto)

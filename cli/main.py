@@ -84,6 +84,52 @@ def main(debug: bool) -> None:
     Context.debug = debug or os.environ.get("CAFFE_COMPAT_DEBUG", "") not in ("", "0")
 
 
+def writes(*names: str):
+    """Mark a command's path parameters that it writes (files or folders); every other
+    path parameter is an input it must not write over (:func:`_add_input_protection`)."""
+    def deco(fn):
+        fn.caffe_compat_writes = tuple(names)
+        return fn
+    return deco
+
+
+def _role(p: click.Parameter) -> str:
+    if isinstance(p, click.Option):
+        return max(p.opts, key=len)
+    return (p.metavar or p.name or "argument").upper()
+
+
+def _add_input_protection(cmd: click.Command) -> None:
+    """Every file a command reads -- its path parameters, less those marked with
+    :func:`writes` -- is protected for the run (``caffe_compat.atomic.protect_inputs``): an
+    output named like an input (the same path, a symlink or a hard link) is refused before
+    any work, and every write the command makes is checked again before it starts.  One
+    place, so no command can miss it."""
+    if cmd.callback is None:
+        return
+    inner = cmd.callback
+    outputs = set(getattr(inner, "caffe_compat_writes", ()))
+
+    @friendly
+    @functools.wraps(inner)
+    def callback(*args, **kwargs):
+        from caffe_compat.atomic import protect_inputs, refuse_overwriting_inputs
+
+        ins, outs = [], []
+        for p in cmd.params:
+            if not isinstance(p.type, click.Path) or kwargs.get(p.name) is None:
+                continue
+            value = kwargs[p.name]
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                (outs if p.name in outputs else ins).append((_role(p), os.fspath(v)))
+        for role, path in outs:
+            refuse_overwriting_inputs(path, ins, what=role)
+        with protect_inputs(ins):
+            return inner(*args, **kwargs)
+
+    cmd.callback = callback
+
+
 def _register() -> None:
     """Import every command module of this package (each attaches itself to ``main``)."""
     import importlib
@@ -96,6 +142,7 @@ def _register() -> None:
             importlib.import_module(f"caffe_compat.cli.{info.name}")
     for cmd in main.commands.values():
         _add_schema_option(cmd)
+        _add_input_protection(cmd)
 
 
 def _add_schema_option(cmd: click.Command) -> None:

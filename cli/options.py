@@ -74,16 +74,30 @@ def config_scope(cfg_file: Optional[str], set_pairs: Sequence[Tuple[str, str]], 
 
 
 def parse_input_shapes(specs: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
-    """``["data=1,3,224,224", ...]`` -> ``{"data": (1, 3, 224, 224)}``."""
+    """``["data=1,3,224,224", ...]`` -> ``{"data": (1, 3, 224, 224)}``.
+
+    Each spec needs a name, ``=`` and non-negative integer dimensions; a name given twice is
+    refused.  Whether the name is an input of the net is checked when the net is built
+    (``Net(input_shapes=...)``: an error listing the net's inputs)."""
     from caffe_compat.errors import SchemaError
 
     shapes: Dict[str, Tuple[int, ...]] = {}
     for spec in specs:
-        name, _, dims = spec.partition("=")
+        shown = spec if len(spec) <= 80 else spec[:80] + "..."
+        name, eq, dims = spec.partition("=")
+        name = name.strip()
         try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
+            if not name or not eq:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.split(","))
         except ValueError:
-            raise SchemaError(f"bad --input-shape '{spec}'; expected NAME=D1,D2,...") from None
+            raise SchemaError(f"bad --input-shape '{shown}'; expected NAME=D1,D2,... "
+                              "(e.g. data=1,3,224,224)") from None
+        if any(d < 0 for d in shape):
+            raise SchemaError(f"bad --input-shape '{shown}': dimensions must not be negative")
+        if name in shapes:
+            raise SchemaError(f"--input-shape gives '{name[:80]}' twice")
+        shapes[name] = shape
     return shapes
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import cfg_options, config_scope, extra_args
 from caffe_compat.cli.test import echo_ap
 
@@ -24,6 +24,7 @@ from caffe_compat.cli.test import echo_ap
               help="py-faster-rcnn's MATLAB evaluation (not supported: refused with a clear error).")
 @cfg_options
 @click.pass_context
+@writes("output_dir")
 @friendly
 def reval_command(ctx, output_dir, imdb_name, apply_nms, comp_mode, matlab_eval, cfg_file, set_pairs):
     """Evaluate the detections saved in OUTPUT_DIR by `test` again (no net needed)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 
 
 @main.command("synthetic-voc")
@@ -20,6 +20,7 @@ from caffe_compat.cli.main import friendly, main
               help="Largest image side in pixels.")
 @click.option("--test-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.25,
               show_default=True, help="Share of the images listed in test.txt.")
+@writes("out")
 @friendly
 def synthetic_voc_command(out, num_images, num_classes, seed, year, min_size, max_size, test_fraction):
     """Write a synthetic PASCAL VOC (shapes per class on textured noise) under OUT."""

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (cfg_options, check_file, config_scope, extra_args, gpu_option,
                                       python_layers_option, state_options)
 
@@ -55,6 +55,7 @@ def echo_ap(result: Mapping[str, Any]) -> None:
 @state_options
 @python_layers_option()
 @click.pass_context
+@writes("output_dir")
 @friendly
 def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_mode, max_per_image,
                  thresh, vis, output_dir, rpn_file, iterations, stages, level, allow_python_layers):

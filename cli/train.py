@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import SET_HELP, cfg_options, config_scope, extra_args, gpu_option
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -83,6 +83,7 @@ def _report(result, what: str = "training") -> None:
               help="Iterations to train (default: the solver's max_iter; py-faster-rcnn: 40000).")
 @_common
 @click.pass_context
+@writes("output_dir")
 @friendly
 def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name,
                   gpu, randomize, output_dir, fmt, progress):
@@ -131,6 +132,7 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
               help="Multiply the iterations of every stage (e.g. 0.001 for a smoke test).")
 @_common
 @click.pass_context
+@writes("output_dir")
 @friendly
 def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, cfg_file, set_pairs,
                           imdb_name, gpu, randomize, output_dir, fmt, progress):
@@ -173,6 +175,7 @@ def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, c
 @click.option("--output", "output_dir", type=click.Path(file_okay=False),
               help="Output folder (default: ROOT/output/<EXP_DIR>/<imdb>/<net name>).")
 @click.pass_context
+@writes("output_dir")
 @friendly
 def rpn_generate_command(ctx, prototxt, caffemodel, cfg_file, set_pairs, imdb_name, gpu, output_dir):
     """Write RPN proposals for every image of a data set (tools/rpn_generate.py), as .npz.

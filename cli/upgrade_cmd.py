@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from caffe_compat.cli.main import friendly, main
+from caffe_compat.cli.main import friendly, main, writes
 
 
 def _report(src: str, dst: str, out, kind: str) -> None:
@@ -46,6 +46,7 @@ def _check_input(path: str, what: str) -> None:
 @main.command("upgrade-net-text")
 @click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
+@writes("dst")
 @friendly
 def upgrade_net_text_command(src: str, dst: str) -> None:
     """Upgrade a V0/V1 (or input-field, old BatchNorm) net prototxt IN to the current format."""
@@ -58,6 +59,7 @@ def upgrade_net_text_command(src: str, dst: str) -> None:
 @main.command("upgrade-net-binary")
 @click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
+@writes("dst")
 @friendly
 def upgrade_net_binary_command(src: str, dst: str) -> None:
     """Upgrade a binary NetParameter (a .caffemodel) IN; blob payloads are streamed, not parsed."""
@@ -70,6 +72,7 @@ def upgrade_net_binary_command(src: str, dst: str) -> None:
 @main.command("upgrade-solver-text")
 @click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
+@writes("dst")
 @friendly
 def upgrade_solver_text_command(src: str, dst: str) -> None:
     """Upgrade a solver prototxt IN (``solver_type: SGD`` -> ``type: "SGD"``)."""

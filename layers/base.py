@@ -18,8 +18,9 @@ Life of a layer inside :class:`caffe_compat.net.Net`:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,9 @@ from caffe_compat.fillers import fill
 from caffe_compat.limits import check_shape
 
 Shape = Tuple[int, ...]
+
+#: value types ``Layer.__setattr__`` stores without nn.Module's checks (never tensors/modules)
+_PLAIN = frozenset((bool, int, float, str, bytes, tuple, list, dict, set, type(None)))
 
 TRAIN = "TRAIN"
 TEST = "TEST"
@@ -46,6 +50,28 @@ class BuildContext:
     level: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
     source: Optional[str] = None    # the prototxt file, to name a layer's file:line in errors
+    #: the net's ``limits.NetBudget``: every blob a layer allocates at build is charged to it
+    #: first (None outside a net: only each shape is checked)
+    budget: Optional[Any] = None
+
+
+@contextlib.contextmanager
+def _blobs_on_meta(module: nn.Module) -> Iterator[None]:
+    """Swap every parameter and buffer of ``module`` (and its children) for a meta tensor of
+    the same shape while the block runs.  What ``torch.func.functional_call`` does, without
+    the import of torch._dynamo it triggers (over a second at every process's first net)."""
+    saved = []
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, v in store.items():
+                if v is not None:
+                    saved.append((store, k, v))
+                    store[k] = torch.empty_like(v, device="meta")
+    try:
+        yield
+    finally:
+        for store, k, v in reversed(saved):
+            store[k] = v
 
 
 class Layer(nn.Module):
@@ -80,6 +106,17 @@ class Layer(nn.Module):
         self.blob_names: List[str] = []
         self._check_counts(len(bottom_shapes), len(param.top))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module.__setattr__ tests every value against Parameter, Module and Buffer (slow
+        # metaclass checks, ~10 per layer): plain values of a name it does not manage go
+        # straight in, everything else takes its path (a 200,000-layer net builds in seconds)
+        d = self.__dict__
+        if type(value) in _PLAIN and "_modules" in d and name not in d["_parameters"] \
+                and name not in d["_buffers"] and name not in d["_modules"]:
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ helpers
     def _check_counts(self, n_bottom: int, n_top: int) -> None:
         def check(n: int, exact, lo, hi, what: str) -> None:
@@ -100,12 +137,21 @@ class Layer(nn.Module):
         """An error of ``cls`` naming this layer (raise it)."""
         return cls(message, layer=self.name)
 
+    def declare(self, shape: Sequence[int], *, what: str, key: Optional[tuple] = None) -> int:
+        """Charge a tensor of ``shape`` this layer is about to allocate to the net's budget
+        (``BuildContext.budget``: its shape and the net's total are checked against
+        ``caffe_compat.limits``), *before* allocating it; returns its element count.
+        ``key`` (e.g. ``("top", 0)``) marks what the builder may charge again (not twice)."""
+        budget = self.ctx.budget
+        if budget is None:
+            return check_shape(shape, what=what, layer=self.name, error=ShapeError)
+        return budget.charge(shape, what=what, layer=self.name, error=ShapeError,
+                             key=None if key is None else (id(self),) + tuple(key))
+
     def add_blob(self, attr: str, shape: Sequence[int], filler=None, *, buffer: bool = False,
                  value: Optional[Tensor] = None) -> Tensor:
         """Create Caffe blob number ``len(blob_names)`` as parameter (or buffer) ``attr``."""
-        if any(int(s) < 0 for s in shape):
-            raise self.error(ShapeError, f"blob '{attr}' would have negative shape {tuple(shape)}")
-        check_shape(shape, what=f"blob '{attr}'", layer=self.name)  # before allocating it
+        self.declare(shape, what=f"blob '{attr}'")  # before allocating it
         if value is None:
             value = fill(shape, filler, generator=self.ctx.generator, layer=self.name)
         if buffer:
@@ -134,9 +180,9 @@ class Layer(nn.Module):
             check_shape(s, what=f"bottom {i}", layer=self.name)
         metas = tuple(torch.empty(tuple(s), device="meta", dtype=d)
                       for s, d in zip(bottom_shapes, dtypes))
-        state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}
         try:
-            outs = torch.func.functional_call(self, state, metas, strict=False)
+            with _blobs_on_meta(self):
+                outs = self(*metas)
         except (NotImplementedError, RuntimeError, TypeError, ValueError, IndexError) as e:
             raise self.error(ShapeError, f"cannot infer top shapes from bottoms "
                                          f"{[tuple(s) for s in bottom_shapes]}: {e}") from e

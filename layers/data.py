@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.limits import check_shape
 from caffe_compat.errors import DataError, SchemaError, ShapeError
 from caffe_compat.fillers import fill
 from caffe_compat.layers.base import BuildContext, Layer, Shape
@@ -145,8 +144,8 @@ class DummyData(_DataBase):
         else:
             self._fillers = [p.data_filler[0 if nf == 1 else i] for i in range(n)]
         self._generator = _child_generator(ctx)
-        for i, sh in enumerate(self._shapes):  # declared shapes: refuse absurd ones before filling
-            check_shape(sh, what=f"top {i}", layer=self.name)
+        for i, sh in enumerate(self._shapes):  # declared shapes: charged to the net before filling
+            self.declare(sh, what=f"top {i}", key=("top", i))
         # constant tops are filled once (Caffe does not refill them); check fillers now
         self._constant: Dict[int, Tensor] = {}
         for i, (s, f) in enumerate(zip(self._shapes, self._fillers)):

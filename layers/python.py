@@ -154,7 +154,31 @@ def import_layer_class(module: str, layer: str, *, layer_name: str, source_dir: 
                                + (f"; it has {', '.join(found)}" if found else ""), layer=layer_name)
     if not issubclass(cls, _pycaffe().Layer):
         cls = _adapt_foreign(cls)
+    _check_protocol(cls, f"{module}.{layer}", layer_name)
     return cls
+
+
+#: the methods Caffe's PythonLayer calls that a layer class must define itself
+REQUIRED_METHODS = ("setup", "forward")
+
+
+def _check_protocol(cls: type, where: str, layer_name: str) -> None:
+    """Refuse a class that does not define ``setup`` and ``forward`` (before it is built).
+
+    Caffe's PythonLayer calls ``self.setup(bottom, top)`` once and ``self.forward(bottom,
+    top)`` on every pass; a class without its own ``setup`` falls back to the Boost base's,
+    which calls back into the layer without end, and one without ``forward`` raises
+    AttributeError at the first pass.  The no-op defaults of this package's ``caffe.Layer``
+    would instead make such a layer silently do nothing.
+    """
+    base = _pycaffe().Layer
+    missing = [m for m in REQUIRED_METHODS
+               if not callable(getattr(cls, m, None)) or getattr(cls, m) is getattr(base, m, None)]
+    if missing:
+        raise PythonLayerError(
+            f"Python layer class '{where[:120]}' does not define {' or '.join(missing)} (Caffe calls "
+            "setup(bottom, top) once and forward(bottom, top) on every pass; a class without them "
+            "fails in Caffe too): define both, even as 'pass'", layer=layer_name)
 
 
 class _PythonLayerFn(torch.autograd.Function):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from caffe_compat.errors import SchemaError, ShapeError
-from caffe_compat.layers.base import Layer, Shape
+from caffe_compat.layers.base import Shape
 from caffe_compat.layers.fast_rcnn import ROILayer, _check_rois, _torchvision_available
 from caffe_compat.layers.registry import register
 

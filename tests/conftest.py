@@ -11,6 +11,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORPUS = pathlib.Path(os.environ.get("CAFFE_COMPAT_CORPUS", ROOT.parent / "shared" / "corpus"))
 GOLDEN = ROOT / "tests" / "golden"
 
+#: a py-faster-rcnn ProposalLayer net on Input blobs; its param_str is "PARAM" (replace it)
+PROPOSAL_NET = """
+name: "proposals"
+layer { name: 'in' type: 'Input' top: 'prob' top: 'pred' top: 'im_info'
+  input_param { shape { dim: 1 dim: 12 dim: 4 dim: 5 } shape { dim: 1 dim: 24 dim: 4 dim: 5 }
+                shape { dim: 1 dim: 3 } } }
+layer { name: 'proposal' type: 'Python' bottom: 'prob' bottom: 'pred' bottom: 'im_info'
+  top: 'rois' top: 'scores' python_param { module: 'rpn.proposal_layer' layer: 'ProposalLayer'
+                 param_str: "PARAM" } }
+"""
+
 
 def corpus_or_skip() -> pathlib.Path:
     if not CORPUS.is_dir():

@@ -23,7 +23,6 @@ lose accuracy, and their directions carry nothing a float32 weight can hold.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch

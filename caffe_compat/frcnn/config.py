@@ -37,9 +37,9 @@ import os.path as osp
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
-import yaml
 
-from caffe_compat.errors import SchemaError
+from caffe_compat import limits
+from caffe_compat.errors import SchemaError, name_list, shorten
 
 __all__ = [
     "AttrDict", "ConfigError", "cfg", "default_cfg", "reset_cfg", "temporary_cfg",
@@ -225,7 +225,7 @@ def merge_cfg(a: Mapping[str, Any], b: AttrDict, _prefix: str = "") -> None:
     dtype; nested mappings merge recursively.
     """
     for k, v in a.items():
-        path = f"{_prefix}{k}"
+        path = shorten(f"{_prefix}{k}", 120)  # (keys come from the file: quoted cut short)
         if k not in b:
             raise ConfigError(f"'{path}' is not a valid config key; valid keys here: "
                               f"{', '.join(sorted(map(str, b)))}")
@@ -241,8 +241,8 @@ def merge_cfg(a: Mapping[str, Any], b: AttrDict, _prefix: str = "") -> None:
                 try:
                     v = np.array(v, dtype=old.dtype)
                 except (TypeError, ValueError) as e:
-                    raise ConfigError(f"config key '{path}': cannot convert {v!r} to an array "
-                                      f"of {old.dtype}: {e}") from None
+                    raise ConfigError(f"config key '{path}': cannot convert {shorten(repr(v), 80)} to an array "
+                                      f"of {old.dtype}: {shorten(e, 120)}") from None
             else:
                 hint = ""
                 if isinstance(old, tuple) and isinstance(v, list):
@@ -258,8 +258,8 @@ def cfg_from_file(filename: str, into: Optional[AttrDict] = None) -> None:
     """Merge a YAML config file into ``into`` (default: the global ``cfg``)."""
     target = cfg if into is None else into
     try:
-        with open(filename, "r") as f:
-            data = yaml_load(f.read(), where=str(filename))
+        with open(filename, "r") as f:  # at most one byte over the limit: the loader refuses it
+            data = yaml_load(f.read(limits.get("max_yaml_bytes") + 1), where=str(filename))
     except OSError as e:
         raise ConfigError(f"cannot read config file: {e}", where=str(filename)) from None
     if data is None:
@@ -289,7 +289,7 @@ def _set_dotted(target: AttrDict, key: str, value: Any) -> None:
                           f"({', '.join(sorted(old))})")
     if type(value) is not type(old):
         raise ConfigError(f"type {_type_name(value)} does not match original type "
-                          f"{_type_name(old)} for config key '{key}' (value {value!r})")
+                          f"{_type_name(old)} for config key '{shorten(key, 120)}' (value {shorten(repr(value), 80)})")
     d[last] = value
 
 
@@ -391,28 +391,14 @@ def get_output_dir(imdb: Any, net: Any = None, config: Optional[AttrDict] = None
 
 
 # ---------------------------------------------------------------------------- YAML
-class _SafeTupleLoader(yaml.SafeLoader):
-    """YAML's safe loader plus ``!!python/tuple`` (used by py-faster-rcnn's param_str).
-
-    py-faster-rcnn called ``yaml.load`` with the full (unsafe) loader; we accept only the
-    one non-standard tag its files use, so a prototxt cannot construct arbitrary objects.
-    """
-
-
-def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
-    return tuple(loader.construct_sequence(node, deep=True))
-
-
-_SafeTupleLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
-
-
 def yaml_load(text: str, *, where: Optional[str] = None, layer: Optional[str] = None) -> Any:
-    """Parse YAML text with the safe tuple-aware loader; errors become ``SchemaError``."""
-    try:
-        return yaml.load(text, Loader=_SafeTupleLoader)
-    except yaml.YAMLError as e:
-        msg = " ".join(str(e).split())
-        raise SchemaError(f"invalid YAML: {msg}", where=where, layer=layer) from None
+    """Parse YAML text (a cfg file or a param_str) with the one safe loader
+    (:func:`caffe_compat.safe_yaml.load`: safe types plus ``!!python/tuple``; no anchors or
+    aliases, bounded nesting and size); py-faster-rcnn called ``yaml.load`` with the full
+    (unsafe) loader.  Errors are ``SchemaError`` naming ``where``/``layer``."""
+    from caffe_compat.safe_yaml import load
+
+    return load(text, where=where, layer=layer, source=None if layer is None else "param_str")
 
 
 def parse_param_str(param_str: str, layer_name: str, allowed_keys: Iterable[str],
@@ -432,11 +418,11 @@ def parse_param_str(param_str: str, layer_name: str, allowed_keys: Iterable[str]
         data = {}
     if not isinstance(data, Mapping):
         raise SchemaError(f"param_str must be a YAML mapping such as \"'key': value\", got "
-                          f"{_type_name(data)} {data!r}; allowed keys: {', '.join(allowed)}",
+                          f"{_type_name(data)} {shorten(repr(data), 80)}; allowed keys: {', '.join(allowed)}",
                           layer=layer_name)
     unknown = [k for k in data if k not in allowed]
     if unknown:
-        raise SchemaError(f"unknown param_str key(s) {', '.join(repr(k) for k in unknown)}; "
+        raise SchemaError(f"unknown param_str key(s) {name_list(map(repr, unknown), 5)}; "
                           f"allowed keys: {', '.join(allowed)}", layer=layer_name)
     missing = [k for k in required if k not in data]
     if missing:

@@ -101,19 +101,24 @@ def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequen
     from caffe_compat.frcnn.test import Timer, read_image
     from caffe_compat.frcnn.vis import draw_detections
 
+    from caffe_compat.atomic import check_output, refuse_overwriting_inputs
+
+    used: set = set()
+    out_paths = [os.path.join(out_dir, output_name(path, used)) for path in images]
+    for out_path in out_paths:  # before any work: a drawn image must never replace an input
+        refuse_overwriting_inputs(out_path, [("image", p) for p in images], "the drawn image")
+        check_output(out_path, "the drawn image")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the output folder: {e}", where=out_dir) from None
-    used: set = set()
-    for path in images:
+    for path, out_path in zip(images, out_paths):
         im = read_image(path)
         timer = Timer(sync)
         timer.tic()
         found, per_class, num_props = detect_image(net, im, classes, thresh, nms_thresh)
         timer.toc()
         drawn = draw_detections(im, per_class, thresh=thresh)
-        out_path = os.path.join(out_dir, output_name(path, used))
         if not cv2.imwrite(out_path, drawn):
             raise DataError("cannot write image", where=out_path)
         yield {"image": os.path.abspath(path), "output": os.path.abspath(out_path),

@@ -23,12 +23,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from itertools import zip_longest
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from caffe_compat.inputs import as_blob_array
 from caffe_compat.insert_splits import Step
 from caffe_compat.pycaffe import _mode
 from caffe_compat.pycaffe._blobs import NetBlob, SplitTopBlob, param_blobs, upload_dirty
@@ -378,11 +379,11 @@ class Net:
         self._push()
         self._feed_memory(start, end)
         self._core.forward(start=start, end=end)
-        self._pull()
         for s in self._steps[start:end + 1]:
             if s.is_split:  # Caffe's SplitLayer::Forward: ShareData from now on
                 for t in s.tops:
                     self.blobs[t].share()
+        self._pull()
         loss = self._core.loss
         return 0.0 if loss is None else float(loss)
 
@@ -416,7 +417,8 @@ class Net:
             if set(kwargs.keys()) != set(self.inputs):
                 raise Exception("Input blob arguments do not match net inputs.")
             for name, arr in kwargs.items():
-                if np.shape(arr)[0] != self.blobs[name].shape[0]:
+                arr = as_blob_array(name, arr)  # strings, objects, complex: one InputError
+                if arr.ndim == 0 or arr.shape[0] != self.blobs[name].shape[0]:
                     raise Exception("Input is not batch sized")
                 self.blobs[name].data[...] = arr
         self._forward(start_ind, end_ind)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.errors import SolverError
+from caffe_compat.errors import CaffeCompatError, SolverDefinitionError, SolverError, SolverStateError
 from caffe_compat.hdf5_util import h5py_module, looks_like_hdf5
 from caffe_compat.io import read_net_text, read_solver_text
 from caffe_compat.net import Net
@@ -111,6 +111,55 @@ def _feed_arity(fn: Callable) -> int:
     return 2 if n >= 2 else 1
 
 
+def _short(s: str, n: int = 80) -> str:
+    """A definition's string for a message, never unbounded."""
+    return s if len(s) <= n else s[:n] + f"... ({len(s)} characters)"
+
+
+#: float fields Caffe reads as numbers: NaN or an infinity in any of them is refused
+_FLOAT_FIELDS = ("base_lr", "gamma", "power", "momentum", "momentum2", "weight_decay", "delta",
+                 "rms_decay", "clip_gradients")
+#: integer fields where a negative value has no meaning (Caffe would loop zero times, take a
+#: negative modulo, or never test)
+_COUNT_FIELDS = ("max_iter", "display", "snapshot", "test_interval")
+
+
+def check_solver_values(p: "caffe_pb2.SolverParameter") -> None:
+    """Every value of a solver definition that needs no net, checked with Caffe's rules before
+    anything is built (a bad solver file is bad input: SolverDefinitionError, exit 2).
+
+    Caffe's own CHECKs (``average_loss >= 1``, the learning-rate policy's CHECKs, ...) plus
+    what Caffe would only meet while training: a NaN or infinite number, a negative count,
+    ``test_iter`` of 0 or less (Caffe divides the test scores by it), a learning rate that is
+    not finite at some iteration up to ``max_iter`` (:func:`check_lr_policy`), and a
+    ``snapshot_prefix`` with a NUL byte (no file can have that name).  The solver type's own
+    ranges (momentum, delta, rms_decay) are checked when its rule is built
+    (:mod:`.update_rules`).
+    """
+    for f in _FLOAT_FIELDS:
+        v = getattr(p, f)
+        if not math.isfinite(v):
+            raise SolverDefinitionError(f"{f} must be a finite number, got {v}")
+    for f in _COUNT_FIELDS:
+        v = getattr(p, f)
+        if v < 0:
+            raise SolverDefinitionError(f"{f} must not be negative, got {v} (an interval; 0 turns it off)"
+                                        if f != "max_iter" else f"max_iter must not be negative, got {v}")
+    if p.average_loss < 1:
+        raise SolverDefinitionError(f"average_loss must be at least 1, got {p.average_loss}")
+    if p.iter_size < 1:
+        raise SolverDefinitionError(f"iter_size must be at least 1, got {p.iter_size}")
+    for i, n in enumerate(p.test_iter):
+        if n <= 0:
+            raise SolverDefinitionError(f"test_iter must be positive, got test_iter {n} (entry {i}): a test "
+                                        "pass of no iteration has no scores, and Caffe divides its loss by "
+                                        "test_iter")
+    if "\x00" in p.snapshot_prefix:
+        raise SolverDefinitionError(f"snapshot_prefix contains a NUL byte (at character "
+                                    f"{p.snapshot_prefix.index(chr(0))}): no file can have that name")
+    check_lr_policy(p)
+
+
 class Solver:
     """A Caffe solver over a train net (and test nets), with Caffe's exact update rules.
 
@@ -146,6 +195,8 @@ class Solver:
         self._losses: List[float] = []
         self.smoothed_loss: float = 0.0
         self.last_lr: Optional[float] = None
+        #: (role, path) of every file read: weights, restored states (snapshots spare them)
+        self.input_files: List[Tuple[str, str]] = []
         # Caffe seeds its global RNG before building the nets
         if p.random_seed >= 0:
             seed = int(p.random_seed)
@@ -188,38 +239,36 @@ class Solver:
         return param
 
     def _check_param(self) -> None:
-        """Caffe's CHECKs on the solver definition, as SolverErrors (before any net is built);
+        """Caffe's CHECKs on the solver definition, and every value checked with Caffe's rules
+        (:func:`check_solver_values`), as SolverDefinitionErrors before any net is built;
         builds ``self.rule``."""
         p = self.param
         rule_class = update_rule_class(self.type)
-        check_lr_policy(p)
-        if p.average_loss < 1:
-            raise SolverError(f"average_loss must be at least 1, got {p.average_loss}")
-        if p.iter_size < 1:
-            raise SolverError(f"iter_size must be at least 1, got {p.iter_size}")
+        check_solver_values(p)
         if p.weight_decay != 0 and p.regularization_type not in ("L1", "L2"):
-            raise SolverError(f"unknown regularization_type '{p.regularization_type}'; allowed: L1, L2")
+            raise SolverDefinitionError(f"unknown regularization_type '{_short(p.regularization_type)}'; "
+                                        "allowed: L1, L2")
         self.rule = rule_class(p)  # the rule's own CHECKs (e.g. no momentum with AdaGrad)
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             h5py_module(SolverError, "snapshot_format: HDF5 snapshots")  # fail now, not at a snapshot
-        if p.snapshot < 0:
-            raise SolverError(f"snapshot interval must not be negative, got {p.snapshot}")
         if p.snapshot:
             if not p.snapshot_prefix:
-                raise SolverError("snapshot is specified but snapshot_prefix is not")
+                raise SolverDefinitionError("snapshot is specified but snapshot_prefix is not")
             folder = os.path.dirname(os.path.abspath(p.snapshot_prefix))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise SolverError(f"cannot write to snapshot prefix '{p.snapshot_prefix}': make sure "
-                                  f"the directory {folder} exists and is writable")
+                raise SolverDefinitionError(f"cannot write to snapshot prefix '{_short(p.snapshot_prefix)}': "
+                                            f"make sure the directory {_short(folder)} exists and is writable")
         if p.snapshot_diff:
             log.warning("snapshot_diff is ignored: snapshots hold weights only")
+        self._train_source()  # the nets' fields, before the (possibly long) train net build
+        self._test_sources()
 
     @staticmethod
     def _net_file(path: str, what: str) -> str:
         if os.path.exists(path):
             return path
-        raise SolverError(f"{what} file '{path}' not found (net paths in a solver are relative to "
-                          f"the current directory {os.getcwd()}, as in Caffe)")
+        raise SolverDefinitionError(f"{what} file '{_short(path)}' not found (net paths in a solver are "
+                                    f"relative to the current directory {os.getcwd()}, as in Caffe)")
 
     @staticmethod
     def _merged_state(net_param: "caffe_pb2.NetParameter", phase: int,
@@ -238,24 +287,25 @@ class Solver:
         return Net(source, phase="train" if st.phase == caffe_pb2.TRAIN else "test",
                    level=int(st.level), stages=list(st.stage), seed=seed, device=device)
 
-    def _build_train_net(self, seed: int, device):
+    def _train_source(self):
+        """The train net's definition (a checked path or a NetParameter), from the one field
+        that gives it (Caffe's InitTrainNet CHECKs)."""
         p = self.param
         fields = ("net", "net_param", "train_net", "train_net_param")
         given = [f for f in fields if p.HasField(f)]
         if not given:
-            raise SolverError("the solver must specify a train net using one of these fields: "
-                              + ", ".join(fields))
+            raise SolverDefinitionError("the solver must specify a train net using one of these fields: "
+                                        + ", ".join(fields))
         if len(given) > 1:
-            raise SolverError("the solver must not give more than one of these fields specifying a "
-                              f"train net: {', '.join(fields)} (got {', '.join(given)})")
+            raise SolverDefinitionError("the solver must not give more than one of these fields specifying "
+                                        f"a train net: {', '.join(fields)} (got {', '.join(given)})")
         f = given[0]
         source = getattr(p, f)
-        if f in ("net", "train_net"):
-            source = self._net_file(source, f)
-        override = p.train_state if p.HasField("train_state") else None
-        return self._make_net(source, caffe_pb2.TRAIN, override, seed, device)
+        return self._net_file(source, f) if f in ("net", "train_net") else source
 
-    def _build_test_nets(self, seed: int, device) -> list:
+    def _test_sources(self) -> list:
+        """Each test net's definition, with Caffe's InitTestNets CHECKs (test_iter, test_state
+        and test_interval against the number of test nets)."""
         p = self.param
         sources: List[Any] = list(p.test_net_param)
         sources += [self._net_file(t, "test_net") for t in p.test_net]
@@ -263,21 +313,30 @@ class Solver:
         generic = p.HasField("net") or p.HasField("net_param")
         if generic:
             if len(p.test_iter) < n_specific:
-                raise SolverError(f"test_iter must be given for each test net ({n_specific} test "
-                                  f"nets, {len(p.test_iter)} test_iter)")
+                raise SolverDefinitionError(f"test_iter must be given for each test net ({n_specific} test "
+                                            f"nets, {len(p.test_iter)} test_iter)")
             for _ in range(len(p.test_iter) - n_specific):
                 sources.append(p.net if p.HasField("net") else p.net_param)
         elif len(p.test_iter) != n_specific:
-            raise SolverError(f"test_iter must be given once per test net ({n_specific} test nets, "
-                              f"{len(p.test_iter)} test_iter)")
+            raise SolverDefinitionError(f"test_iter must be given once per test net ({n_specific} test "
+                                        f"nets, {len(p.test_iter)} test_iter)")
         if len(p.test_state) and len(p.test_state) != len(sources):
-            raise SolverError(f"test_state must be unspecified or given once per test net "
-                              f"({len(sources)} test nets, {len(p.test_state)} test_state)")
+            raise SolverDefinitionError(f"test_state must be unspecified or given once per test net "
+                                        f"({len(sources)} test nets, {len(p.test_state)} test_state)")
         if sources and p.test_interval <= 0:
-            raise SolverError(f"test_interval must be positive when there are test nets "
-                              f"(got {p.test_interval})")
+            raise SolverDefinitionError(f"test_interval must be positive when there are test nets "
+                                        f"(got {p.test_interval})")
+        return sources
+
+    def _build_train_net(self, seed: int, device):
+        p = self.param
+        override = p.train_state if p.HasField("train_state") else None
+        return self._make_net(self._train_source(), caffe_pb2.TRAIN, override, seed, device)
+
+    def _build_test_nets(self, seed: int, device) -> list:
+        p = self.param
         nets = []
-        for i, src in enumerate(sources):
+        for i, src in enumerate(self._test_sources()):
             override = p.test_state[i] if len(p.test_state) else None
             nets.append(self._make_net(src, caffe_pb2.TEST, override, seed + 1 + i, device))
         return nets
@@ -315,6 +374,7 @@ class Solver:
     def load_weights(self, path: str) -> None:
         """Fine-tune from ``path`` (Caffe's CopyTrainedLayersFrom: layers absent from the file
         keep their initial values) into the train net and every test net."""
+        self._note_input(path, "weights")
         for n in [self.net] + self.test_nets:
             for note in n.load_weights(path, allow_missing=True):
                 log.info("%s: %s", path, note)
@@ -665,6 +725,8 @@ class Solver:
         log.info("Snapshotting to %s file %s", kind, model)
         try:
             self.net.save_weights(model)
+        except CaffeCompatError:  # a full disk's WriteError already names the file
+            raise
         except OSError as e:
             raise SolverError(f"cannot write snapshot {model}: {e}") from None
         state = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
@@ -698,6 +760,8 @@ class Solver:
         try:
             state_hdf5.write_state(path, SolverState(self.iter, self.current_step, model,
                                                      self._caffe_history()))
+        except CaffeCompatError:
+            raise
         except OSError as e:
             raise SolverError(f"cannot write solver state {path}: {e}") from None
 
@@ -714,8 +778,13 @@ class Solver:
         draws after the resume differ from the uninterrupted run's).
         """
         state_path = os.fspath(state_path)
+        self._note_input(state_path, "solver state")
         if state_path.endswith(".h5") or looks_like_hdf5(state_path):
-            self._apply_restored(state_path, state_hdf5.read_state(state_path))
+            # the state can hold no more history than this net's solver keeps: a small
+            # compressed file declaring more is refused before its data is read
+            most = self.rule.history_sets * sum(t.numel() for _, t in self._caffe_history_slots())
+            most = max(most, sum(h.numel() for h in self.history))
+            self._apply_restored(state_path, state_hdf5.read_state(state_path, max_elements=most))
             log.info("Restored solver state at iteration %d from %s (HDF5: no random generator "
                      "states)", self.iter, state_path)
             return
@@ -723,7 +792,7 @@ class Solver:
             with open(state_path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise SolverError(f"cannot read solver state: {e.strerror}", where=state_path) from None
+            raise SolverStateError(f"cannot read solver state: {e.strerror}", where=state_path) from None
         if state_safetensors.is_safetensors(data):
             state, rng = state_safetensors.read_state(state_path, data, solver_type=self.type)
             self._apply_restored(state_path, state)
@@ -732,13 +801,21 @@ class Solver:
             self._apply_restored(state_path, state_binaryproto.read_state(state_path, data))
         log.info("Restored solver state at iteration %d from %s", self.iter, state_path)
 
+    def _note_input(self, path: str, role: str) -> None:
+        """Remember a file this solver read (``input_files``): snapshots must not replace it
+        (``caffe_compat.trainer.TrainSolver`` refuses to; within a command, every write does)."""
+        from caffe_compat.atomic import register_input
+
+        self.__dict__.setdefault("input_files", []).append((role, os.fspath(path)))
+        register_input(path, role)
+
     def _learned_net_path(self, state_path: str, learned: str) -> str:
-        if os.path.exists(learned):
-            return learned
-        alt = os.path.join(os.path.dirname(os.path.abspath(state_path)), os.path.basename(learned))
-        if os.path.exists(alt):
-            return alt
-        raise SolverError(f"the weights file '{learned}' named by the solver state was not found "
+        for path in (learned, os.path.join(os.path.dirname(os.path.abspath(state_path)),
+                                           os.path.basename(learned))):
+            if os.path.exists(path):
+                self._note_input(path, "weights named by the solver state")
+                return path
+        raise SolverStateError(f"the weights file '{learned}' named by the solver state was not found "
                           "(looked relative to the current directory and next to the state file)",
                           where=state_path)
 
@@ -777,7 +854,7 @@ class Solver:
         if len(arrays) != blocks * len(slots):
             extra = (f" (or {blocks * len(slots)} in Caffe's layout, which also counts buffers such as "
                      "BatchNorm statistics)" if blocks * len(slots) != len(self.history) else "")
-            raise SolverError(f"incorrect number of history blobs: the state has {len(arrays)}, a "
+            raise SolverStateError(f"incorrect number of history blobs: the state has {len(arrays)}, a "
                               f"{self.type} solver on this net needs {len(self.history)}{extra} "
                               "(another solver type or net?)", where=state_path)
         n = len(self.net.learnable_params())
@@ -788,7 +865,7 @@ class Solver:
                 if k is not None:
                     out[b * n + k] = a
                 elif a.numel() != t.numel():
-                    raise SolverError(f"history blob {b * len(slots) + j} has {a.numel()} values, "
+                    raise SolverStateError(f"history blob {b * len(slots) + j} has {a.numel()} values, "
                                       f"expected {t.numel()} (shape {tuple(t.shape)})", where=state_path)
         return out
 
@@ -796,7 +873,7 @@ class Solver:
         arrays = self._from_caffe_history(arrays, state_path)
         for i, (h, a) in enumerate(zip(self.history, arrays)):
             if a.numel() != h.numel():
-                raise SolverError(f"history blob {i} has {a.numel()} values, expected {h.numel()} "
+                raise SolverStateError(f"history blob {i} has {a.numel()} values, expected {h.numel()} "
                                   f"(shape {tuple(h.shape)})", where=state_path)
             with torch.no_grad():
                 h.copy_(a.reshape(h.shape).to(device=h.device, dtype=h.dtype))

@@ -10,13 +10,16 @@ weights, history, iteration and step, not in later random draws (dropout, shuffl
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import torch
 
 from caffe_compat.atomic import atomic_path
-from caffe_compat.errors import SolverError
-from caffe_compat.hdf5_util import as_array, damaged_file_as, h5py_module, open_hdf5
+from caffe_compat import limits
+from caffe_compat.errors import SolverError, SolverStateError, shorten
+from caffe_compat.hdf5_util import (as_array, check_dataset, check_group_size, damaged_file_as, h5py_module,
+                                    open_hdf5)
 from caffe_compat.solver.state import SolverState
 
 __all__ = ["write_state", "read_state"]
@@ -57,20 +60,33 @@ def _read_int(f, name: str, path: str) -> int:
     h5py = _h5py()
     ds = f.get(name)
     if not isinstance(ds, h5py.Dataset):
-        raise SolverError(f"no '{name}' dataset, so not a Caffe HDF5 solver state (top-level entries: "
-                          f"{', '.join(sorted(f.keys())[:8]) or 'none'})", where=path)
+        raise SolverStateError(f"no '{name}' dataset, so not a Caffe HDF5 solver state (top-level entries: "
+                          f"{', '.join(shorten(k, 80) for k in sorted(f.keys())[:8]) or 'none'})", where=path)
+    if ds.size != 1:  # from the metadata, before reading (a huge declared shape reads nothing)
+        raise SolverStateError(f"'{name}' must hold one integer, it declares shape {shorten(ds.shape, 80)}",
+                          where=path)
     arr = np.asarray(ds[()]).reshape(-1)
     if arr.size != 1 or arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and arr[0] != int(arr[0])):
-        raise SolverError(f"'{name}' must hold one integer, it holds {arr.size} value(s) of type "
+        raise SolverStateError(f"'{name}' must hold one integer, it holds {arr.size} value(s) of type "
                           f"{arr.dtype}", where=path)
     return int(arr[0])
 
 
+#: bytes of the ``learned_net`` string (a file name; PATH_MAX is 4096)
+_MAX_NAME_BYTES = 1 << 16
+
+
 def _read_string(ds, path: str) -> str:
+    if ds.size > 1:  # metadata only: a declared array of strings is not read
+        raise SolverStateError(f"'learned_net' must hold one string, it declares shape {shorten(ds.shape, 80)}",
+                          where=path)
+    if ds.dtype.itemsize > _MAX_NAME_BYTES:  # a fixed-length string type of gigabytes
+        raise SolverStateError(f"'learned_net' is a string of {ds.dtype.itemsize} bytes; a file name has at "
+                          f"most {_MAX_NAME_BYTES}", where=path)
     value = ds[()]
     if isinstance(value, np.ndarray):
         if value.size != 1:
-            raise SolverError(f"'learned_net' must hold one string, it holds {value.size} values",
+            raise SolverStateError(f"'learned_net' must hold one string, it holds {value.size} values",
                               where=path)
         value = value.reshape(-1)[0]
     if isinstance(value, np.bytes_):
@@ -79,17 +95,21 @@ def _read_string(ds, path: str) -> str:
         return os.fsdecode(value.split(b"\0", 1)[0])
     if isinstance(value, str):
         return value.split("\0", 1)[0]
-    raise SolverError(f"'learned_net' must be a string dataset, it holds {type(value).__name__}",
+    raise SolverStateError(f"'learned_net' must be a string dataset, it holds {type(value).__name__}",
                       where=path)
 
 
-def read_state(path: str) -> SolverState:
+def read_state(path: str, *, max_elements: Optional[int] = None) -> SolverState:
     """Caffe's HDF5 solver state (``RestoreSolverStateFromHDF5``); ``learned_net`` is None
-    where the file has none."""
+    where the file has none.
+
+    Every history dataset's declared shape is checked before any is read: against the limits
+    and, with ``max_elements`` (the solver's own history size), against what the solver can
+    take, so a small compressed or never-written file declaring gigabytes reads nothing."""
     h5py = _h5py()
     path = os.fspath(path)
-    with damaged_file_as(SolverError, "HDF5 solver state", path), \
-            open_hdf5(path, SolverError, "an HDF5 solver state", SolverError) as f:
+    with damaged_file_as(SolverStateError, "HDF5 solver state", path), \
+            open_hdf5(path, SolverStateError, "an HDF5 solver state", SolverStateError) as f:
         iteration = _read_int(f, "iter", path)
         ds = f.get("learned_net")
         learned = None
@@ -98,17 +118,26 @@ def read_state(path: str) -> SolverState:
         step = _read_int(f, "current_step", path)
         g = f.get("history")
         if not isinstance(g, h5py.Group):
-            raise SolverError("no 'history' group, so not a Caffe HDF5 solver state", where=path)
+            raise SolverStateError("no 'history' group, so not a Caffe HDF5 solver state", where=path)
+        check_group_size(g, "max_blobs", "group 'history'", path)
         names = list(g.keys())
         want = [str(i) for i in range(len(names))]
         if sorted(names) != sorted(want):
-            raise SolverError(f"'history' holds {', '.join(sorted(names)[:8])}; expected datasets "
-                              f"named 0..{len(names) - 1}", where=path)
-        history = []
+            raise SolverStateError(f"'history' holds {', '.join(shorten(k, 40) for k in sorted(names)[:8])}; "
+                              f"expected datasets named 0..{len(names) - 1}", where=path)
+        # every declared shape is charged before any history is read (Caffe's Adam keeps two
+        # history blobs per parameter: twice the net's total)
+        budget = limits.FileBudget(path, per_param=2)
         for key in want:
             ds = g[key]
             if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":
-                raise SolverError(f"history entry '{key}' is not a numeric dataset", where=path)
-            arr = np.asarray(ds[()])
+                raise SolverStateError(f"history entry '{key}' is not a numeric dataset", where=path)
+            check_dataset(ds, budget, name=f"history/{key}", blob=int(key), error=SolverStateError)
+        if max_elements is not None and budget.elements > max_elements:
+            raise SolverStateError(f"the state's history declares {budget.elements} values, more than the "
+                              f"solver's {max_elements} (a state of another net or solver type?)", where=path)
+        history = []
+        for key in want:
+            arr = np.asarray(g[key][()])
             history.append(torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False)))
     return SolverState(iteration, step, learned, history)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from caffe_compat.atomic import atomic_write
-from caffe_compat.errors import SolverError
+from caffe_compat.errors import LimitError, SolverError, SolverStateError, shorten
 from caffe_compat.solver.state import SolverState
 
 STATE_FORMAT = "caffe-compat-solverstate"
@@ -120,25 +120,47 @@ def read_state(path: str, data: bytes, *, solver_type: str) -> Tuple[SolverState
     file, a newer version or another solver type's state."""
     from safetensors.torch import load as st_load
 
+    from caffe_compat.weights.preflight import check_safetensors_header
+
     (n,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
         meta = header.get("__metadata__", {}) or {}
         if meta.get("format") != STATE_FORMAT:
-            raise SolverError(f"not a solver state (format {meta.get('format')!r})", where=path)
+            raise SolverStateError(f"not a solver state (format {shorten(repr(meta.get('format')), 80)})",
+                              where=path)
         state = json.loads(meta["state"])
+        if not isinstance(state, dict):
+            raise SolverStateError("corrupt solver state: its 'state' metadata is not a JSON object", where=path)
+        # shapes, offsets and totals from the header, before safetensors reads any tensor
+        check_safetensors_header(header, path, len(data) - 8 - n, error=SolverError, per_param=2)
         tensors = st_load(data)
-    except SolverError:
+    except (SolverError, LimitError):
         raise
     except Exception as e:  # corrupt JSON or tensors
-        raise SolverError(f"corrupt solver state: {e}", where=path) from None
-    if state.get("version", 0) > STATE_VERSION:
-        raise SolverError(f"solver state version {state.get('version')} is newer than this "
+        raise SolverStateError(f"corrupt solver state: {shorten(e, 300)}", where=path) from None
+    if not isinstance(state.get("version", 0), int) or state.get("version", 0) > STATE_VERSION:
+        raise SolverStateError(f"solver state version {shorten(state.get('version'), 40)} is newer than this "
                           f"caffe-compat understands ({STATE_VERSION})", where=path)
     if state.get("type") != solver_type:
-        raise SolverError(f"the state was written by a {state.get('type')} solver, this one is "
+        raise SolverStateError(f"the state was written by a {shorten(state.get('type'), 40)} solver, this one is "
                           f"{solver_type}", where=path)
-    hist = [tensors[f"history.{i}"] for i in range(int(state["history_size"]))]
-    return (SolverState(int(state["iter"]), int(state.get("current_step", 0)), state.get("learned_net"),
-                        hist),
-            state.get("rng", {}))
+    size = state.get("history_size")
+    missing = None if isinstance(size, int) and 0 <= size <= len(tensors) else "?"
+    if missing is None:
+        missing = next((i for i in range(size) if f"history.{i}" not in tensors), None)
+    if missing is not None:
+        raise SolverStateError(f"corrupt solver state: history_size {shorten(size, 40)} but no tensor "
+                          f"'history.{missing}'", where=path)
+    hist = [tensors[f"history.{i}"] for i in range(size)]
+    counters = {k: state.get(k, 0 if k == "current_step" else None) for k in ("iter", "current_step")}
+    for k, v in counters.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SolverStateError(f"corrupt solver state: '{k}' is {shorten(repr(v), 40)}, not an integer",
+                              where=path)
+    learned = state.get("learned_net")
+    if learned is not None and not isinstance(learned, str):
+        raise SolverStateError("corrupt solver state: 'learned_net' is not a string", where=path)
+    rng = state.get("rng", {})
+    return (SolverState(counters["iter"], counters["current_step"], learned, hist),
+            rng if isinstance(rng, dict) else {})

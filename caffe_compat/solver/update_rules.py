@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Dict, Sequence, Type, TypeVar
 import numpy as np
 from torch import Tensor
 
-from caffe_compat.errors import SolverError
+from caffe_compat.errors import SolverDefinitionError
 
 __all__ = ["UpdateRule", "register_update_rule", "update_rule_class", "UPDATE_RULES",
            "SOLVER_TYPES", "SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"]
@@ -55,7 +55,8 @@ def update_rule_class(type_name: str) -> Type["UpdateRule"]:
     near = difflib.get_close_matches(type_name, known, n=1, cutoff=0.5)
     near += [t for t in known if t.lower() == type_name.lower() and t not in near]
     hint = f" Did you mean '{near[0]}'?" if near else ""
-    raise SolverError(f"unknown solver type '{type_name}' (types are case-sensitive; known: "
+    shown = type_name if len(type_name) <= 60 else type_name[:60] + f"... ({len(type_name)} characters)"
+    raise SolverDefinitionError(f"unknown solver type '{shown}' (types are case-sensitive; known: "
                       f"{', '.join(known)}).{hint}")
 
 
@@ -106,7 +107,23 @@ class Nesterov(UpdateRule):
 def _no_momentum(rule: UpdateRule) -> None:
     p = rule.param
     if p.momentum != 0:
-        raise SolverError(f"momentum cannot be used with {rule.type} (got momentum {p.momentum:g})")
+        raise SolverDefinitionError(f"momentum cannot be used with {rule.type} (got momentum {p.momentum:g})")
+
+
+def _positive_delta(rule: UpdateRule) -> None:
+    """``delta`` keeps the rule's division finite: with 0 a zero gradient gives 0/0 = NaN."""
+    d = rule.param.delta
+    if not d > 0:
+        raise SolverDefinitionError(f"delta must be positive for {rule.type} (got delta {d:g}): its update "
+                                    "divides by a running average plus delta, which is 0 for a zero "
+                                    "gradient when delta is 0")
+
+
+def _in_range(rule: UpdateRule, field: str, lo: float, hi: float, hi_open: bool, why: str) -> None:
+    v = getattr(rule.param, field)
+    if not (lo <= v and (v < hi if hi_open else v <= hi)):
+        raise SolverDefinitionError(f"{field} should lie in [{lo:g}, {hi:g}{')' if hi_open else ']'} for "
+                                    f"{rule.type}, got {field} {v:g}: {why}")
 
 
 @register_update_rule("AdaGrad")
@@ -116,6 +133,7 @@ class AdaGrad(UpdateRule):
     def __init__(self, param) -> None:
         super().__init__(param)
         _no_momentum(self)
+        _positive_delta(self)
 
     def compute_update_value(self, history, grad, local_rate, iteration):
         h, = history
@@ -131,7 +149,8 @@ class RMSProp(UpdateRule):
         super().__init__(param)
         _no_momentum(self)
         if not 0 <= param.rms_decay < 1:
-            raise SolverError(f"rms_decay should lie in [0, 1), got {param.rms_decay:g}")
+            raise SolverDefinitionError(f"rms_decay should lie in [0, 1), got {param.rms_decay:g}")
+        _positive_delta(self)
 
     def compute_update_value(self, history, grad, local_rate, iteration):
         h, = history
@@ -145,6 +164,12 @@ class AdaDelta(UpdateRule):
     """Running averages of ``g^2`` and of the squared updates (momentum is their decay)."""
 
     history_sets = 2
+
+    def __init__(self, param) -> None:
+        super().__init__(param)
+        _positive_delta(self)
+        _in_range(self, "momentum", 0, 1, False, "it weighs the running averages (momentum and "
+                  "1 - momentum), which must stay non-negative for their square roots")
 
     def compute_update_value(self, history, grad, local_rate, iteration):
         hg, hu = history
@@ -163,6 +188,12 @@ class Adam(UpdateRule):
     correction folded into the rate."""
 
     history_sets = 2
+
+    def __init__(self, param) -> None:
+        super().__init__(param)
+        _positive_delta(self)
+        _in_range(self, "momentum", 0, 1, True, "the bias correction divides by 1 - momentum^t")
+        _in_range(self, "momentum2", 0, 1, True, "the bias correction takes sqrt(1 - momentum2^t)")
 
     def compute_update_value(self, history, grad, local_rate, iteration):
         m, v = history

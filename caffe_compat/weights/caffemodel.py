@@ -8,9 +8,15 @@ of each layer is parsed by protobuf (a fork's layer with that fork's field numbe
 :mod:`caffe_compat.forks`).  V0, V1 and current layouts are read.  Writing does the reverse
 (layer fields by protobuf, blob payloads as raw little-endian bytes) and keeps protobuf's
 field order, so a file we write is what protobuf itself would write.
+
+A file is read in memory proportional to what it holds, not to what it declares: layers,
+blobs and each layer's repeated fields are counted on the wire before protobuf builds
+anything, and every blob's shape (axes, elements, the file's total) is charged to a
+``limits.FileBudget`` before its data is gathered.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -43,11 +49,52 @@ def _max_blob_elements() -> int:
     return MAX_BLOB_ELEMENTS if MAX_BLOB_ELEMENTS is not None else limits.max_blob_elements()
 
 
-def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
+#: packed data runs shorter than this are copied into one buffer instead of kept as views, so
+#: a blob written as millions of tiny (or unpacked) data fields costs its bytes, not an array
+#: object per field
+_SMALL_PART = 256
+
+
+class _Parts:
+    """A blob's data fields in file order: large packed runs as zero-copy views, small or
+    unpacked ones gathered into shared byte buffers (memory proportional to the bytes)."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.parts: list = []  # np views and bytearrays, in order
+        self.size = 0          # values so far
+
+    def add(self, buf, wt: int, a: int, b: int) -> None:
+        if b - a >= _SMALL_PART and wt == wire.LEN:
+            part = wire.packed_array(buf, wt, a, b, self.dtype)
+            self.parts.append(part)
+            self.size += part.size
+            return
+        if wt == wire.LEN and (b - a) % np.dtype(self.dtype).itemsize:
+            raise ValueError("packed field length is not a multiple of the element size")
+        if b == a:
+            return
+        if not self.parts or not isinstance(self.parts[-1], bytearray):
+            self.parts.append(bytearray())
+        self.parts[-1] += buf[a:b]
+        self.size += (b - a) // np.dtype(self.dtype).itemsize
+
+    def array(self) -> np.ndarray:
+        arrays = [np.frombuffer(p, dtype=self.dtype) if isinstance(p, bytearray) else p for p in self.parts]
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+
+
+def _parse_blob(buf, start: int, end: int, where: str, budget: Optional[limits.FileBudget] = None,
+                index: Optional[int] = None) -> CaffeBlob:
+    """One BlobProto; its shape is checked (axes, elements, the file's totals in ``budget``)
+    before any of its data is gathered or copied."""
+    budget = budget if budget is not None else limits.FileBudget(where)
     dims: List[int] = []
     legacy = {}
-    data_parts: list = []
-    double_parts: list = []
+    data = _Parts("<f4")
+    double = _Parts("<f8")
     for num, wt, a, b in wire.fields(buf, start, end):
         if num == 7:  # shape: BlobShape { repeated int64 dim = 1 [packed] }
             wire.expect_wire(num, wt, (wire.LEN,), "BlobProto.shape")
@@ -60,34 +107,33 @@ def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
                     while p < b2:
                         v, p = wire.read_varint(buf, p, b2)
                         dims.append(wire.as_int64(v))
+                        budget.axes(len(dims), blob=index, error=WeightsError)  # stop at 33
                 else:
                     dims.append(wire.as_int64(a2))
+                    budget.axes(len(dims), blob=index, error=WeightsError)
         elif num == 5:
             wire.expect_wire(num, wt, (wire.LEN, wire.I32), "BlobProto.data")
-            data_parts.append(wire.packed_array(buf, wt, a, b, "<f4"))
+            data.add(buf, wt, a, b)
         elif num == 8:
             wire.expect_wire(num, wt, (wire.LEN, wire.I64), "BlobProto.double_data")
-            double_parts.append(wire.packed_array(buf, wt, a, b, "<f8"))
+            double.add(buf, wt, a, b)
         elif num in (1, 2, 3, 4):
             wire.expect_wire(num, wt, (wire.VARINT,), "BlobProto.num/channels/height/width")
             legacy[num] = wire.as_int32(a)
         # diff (6) and double_diff (9) are ignored: weights only
-    if dims:
-        shape, is_legacy = tuple(dims), False
-    elif legacy:
+    # Caffe's rule (Blob::FromProto and Blob::ShapeEquals alike): when any legacy
+    # num/channels/height/width is present, the shape is that 4-D one (unset ones 0) and
+    # `shape` is ignored; otherwise shape.dim
+    if legacy:
         shape = tuple(legacy.get(i, 0) for i in (1, 2, 3, 4))
         is_legacy = True
+    elif dims:
+        shape, is_legacy = tuple(dims), False
     else:
         shape, is_legacy = None, False
-    parts = double_parts if double_parts else data_parts
-    if len(parts) == 1:
-        data = parts[0]
-    elif parts:
-        data = np.concatenate(parts)
-    else:
-        data = np.zeros(0, np.float32)
+    parts = double if double.size else data
     if shape is None:
-        shape = (data.size,)
+        shape = (parts.size,)
     if any(d < 0 for d in shape):
         raise WeightsError(f"blob has a negative dimension in shape {shape}", where=where)
     count = limits.element_count(shape)
@@ -95,10 +141,11 @@ def _parse_blob(buf, start: int, end: int, where: str) -> CaffeBlob:
     if count > limit:
         raise LimitError(f"blob shape {shape} has {count} elements, over the limit of {limit} "
                          f"({limits.how_to_raise('max_blob_elements')})", where=where)
-    if data.size != count:
-        raise WeightsError(f"blob declares shape {shape} but holds {data.size} values", where=where,
-                           expected=f"{count} values", got=data.size)
-    return CaffeBlob(tuple(int(d) for d in shape), data.reshape(shape), is_legacy)
+    budget.blob(shape, blob=index, error=WeightsError)
+    if parts.size != count:
+        raise WeightsError(f"blob declares shape {shape} but holds {parts.size} values", where=where,
+                           expected=f"{count} values", got=parts.size)
+    return CaffeBlob(tuple(int(d) for d in shape), parts.array().reshape(shape), is_legacy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,26 +183,39 @@ def read_caffemodel(path: str) -> Tuple[str, List[CaffeLayerWeights]]:
         raise ParseError("empty file, expected a binary .caffemodel", where=path)
     if hdf5_hint(buf):
         raise ParseError(f"not a binary caffemodel{hdf5_hint(buf)}", where=path)
-    name = ""
     layers: List[CaffeLayerWeights] = []
+    budget = limits.FileBudget(path)  # layers, blobs and elements of the whole file
+    knob = limits.raised(max_blob_elements=MAX_BLOB_ELEMENTS) if MAX_BLOB_ELEMENTS is not None \
+        else contextlib.nullcontext()
     try:
-        for num, wt, a, b in wire.fields(buf, 0, size):
-            if num == 1:
-                wire.expect_wire(num, wt, (wire.LEN,), "NetParameter.name")
-                name = bytes(buf[a:b]).decode("utf-8", "replace")
-            elif num in (100, 2):
-                wire.expect_wire(num, wt, (wire.LEN,),
-                                 "NetParameter.layer" if num == 100 else "NetParameter.layers")
-                try:
-                    layers.append(_parse_layer(buf, a, b, v1=(num == 2), where=path))
-                except CaffeCompatError as e:
-                    raise e.located(where=path, layer=_layer_name_guess(buf, a, b, num == 2)) from None
+        with knob:
+            name = _read_layers(buf, size, path, budget, layers)
     except (ValueError, IndexError, OverflowError) as e:
         raise ParseError(f"corrupt or truncated caffemodel: {e}{_text_hint(buf) or hdf5_hint(buf)}",
                          where=path) from None
     if not layers and _text_hint(buf):
         raise ParseError(f"no layers found{_text_hint(buf)}", where=path)
     return name, layers
+
+
+def _read_layers(buf, size: int, path: str, budget: limits.FileBudget,
+                 layers: List[CaffeLayerWeights]) -> str:
+    """The NetParameter's layers onto ``layers``; returns its name.  Each layer is counted
+    before it is parsed and each blob charged before its data is gathered (``budget``)."""
+    name = ""
+    for num, wt, a, b in wire.fields(buf, 0, size):
+        if num == 1:
+            wire.expect_wire(num, wt, (wire.LEN,), "NetParameter.name")
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif num in (100, 2):
+            wire.expect_wire(num, wt, (wire.LEN,),
+                             "NetParameter.layer" if num == 100 else "NetParameter.layers")
+            try:
+                budget.layer()
+                layers.append(_parse_layer(buf, a, b, v1=(num == 2), where=path, budget=budget))
+            except CaffeCompatError as e:
+                raise e.located(where=path, layer=_layer_name_guess(buf, a, b, num == 2)) from None
+    return name
 
 
 def _layer_name_guess(buf, start: int, end: int, v1: bool) -> Optional[str]:
@@ -169,24 +229,49 @@ def _layer_name_guess(buf, start: int, end: int, v1: bool) -> Optional[str]:
     return None
 
 
-def _append_blob(blobs: List[CaffeBlob], buf, a: int, b: int, where: str) -> None:
+def _append_blob(blobs: List[CaffeBlob], buf, a: int, b: int, where: str,
+                 budget: limits.FileBudget) -> None:
     """Parse the BlobProto in ``buf[a:b]`` onto ``blobs``; an error names its index."""
     try:
-        blobs.append(_parse_blob(buf, a, b, where))
+        blobs.append(_parse_blob(buf, a, b, where, budget, len(blobs)))
     except CaffeCompatError as e:
         raise e.located(blob=len(blobs)) from None
 
 
-def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLayerWeights:
+class _ListLengths:
+    """Counts each field number of one message on the wire and refuses one repeated more
+    than ``max_list_length`` times, before protobuf builds the message (a layer of ten
+    million empty ``bottom`` or ``param {}`` fields would cost gigabytes as objects)."""
+
+    def __init__(self, message, where: str):
+        self.message = message  # the protobuf class, for the field's name
+        self.where = where
+        self.limit = limits.get("max_list_length")
+        self.counts: Dict[int, int] = {}
+
+    def add(self, num: int) -> None:
+        n = self.counts.get(num, 0) + 1
+        self.counts[num] = n
+        if n > self.limit:
+            fd = self.message.DESCRIPTOR.fields_by_number.get(num)
+            name = f"{self.message.DESCRIPTOR.name}.{fd.name}" if fd is not None else "an unknown field"
+            raise LimitError(f"field {num} ({name}) is repeated more than {self.limit} times "
+                             f"({limits.how_to_raise('max_list_length')})", where=self.where)
+
+
+def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str,
+                 budget: limits.FileBudget) -> CaffeLayerWeights:
     blob_field = 6 if v1 else 7
     type_name = ""
     rest = bytearray()
     blobs: List[CaffeBlob] = []
     v0: Optional[Tuple[int, int]] = None
+    lengths = _ListLengths(caffe_pb2.V1LayerParameter if v1 else caffe_pb2.LayerParameter, where)
     for num, wt, a, b in wire.fields(buf, start, end):
+        lengths.add(num)
         if num == blob_field:
             wire.expect_wire(num, wt, (wire.LEN,), "blobs")
-            _append_blob(blobs, buf, a, b, where)
+            _append_blob(blobs, buf, a, b, where, budget)
             continue
         if v1 and num == 1:  # V0LayerParameter nested as `layer`
             wire.expect_wire(num, wt, (wire.LEN,), "V1LayerParameter.layer")
@@ -209,10 +294,12 @@ def _parse_layer(buf, start: int, end: int, *, v1: bool, where: str) -> CaffeLay
         if v0 is not None:  # V0: name, type and blobs (field 50) live in the nested message
             v0msg = caffe_pb2.V0LayerParameter()
             v0rest = bytearray()
+            v0lengths = _ListLengths(caffe_pb2.V0LayerParameter, where)
             for num, wt, a, b in wire.fields(buf, v0[0], v0[1]):
+                v0lengths.add(num)
                 if num == 50:
                     wire.expect_wire(num, wt, (wire.LEN,), "V0LayerParameter.blobs")
-                    _append_blob(blobs, buf, a, b, where)
+                    _append_blob(blobs, buf, a, b, where, budget)
                     continue
                 v0rest += wire.encode_field(num, wt, buf, a, b)
             try:

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from caffe_compat.atomic import atomic_path
-from caffe_compat.errors import ParseError, WeightsError
-from caffe_compat.hdf5_util import as_array, damaged_file_as, h5py_module, open_hdf5
+from caffe_compat.errors import ParseError, WeightsError, shorten
+from caffe_compat import limits
+from caffe_compat.hdf5_util import (as_array, blob_index, check_dataset, check_group_size, damaged_file_as,
+                                    h5py_module, open_hdf5)
 from caffe_compat.weights.trained_layers import CaffeBlob, CaffeLayerWeights, load_layers_into
 
 __all__ = ["load_hdf5_into", "save_hdf5"]
@@ -67,47 +69,50 @@ class _DatasetSource:
                 off += flat.size
 
 
-def _blob_index(name: str) -> Optional[int]:
-    """``j`` for a dataset named like Caffe's ``j``-th blob ("0", "1", ...), else None."""
-    return int(name) if name.isdigit() and str(int(name)) == name else None
-
-
 def _read_weight_layers(f, path: str, wanted: Callable[[str], bool]):
     """The ``data`` group as ``CaffeLayerWeights`` (blob data: unread h5py datasets).
 
     Groups of layers that ``wanted`` rejects are not looked into (Caffe ignores them
-    unopened); their blob lists only count their entries, for the "ignoring" note.
+    unopened); their blob lists only count their entries, for the "ignoring" note.  Entry
+    counts, blob indices and every read dataset's declared shape are checked against the
+    limits from the metadata, before any data is read.
     """
     h5py = h5py_module()
     data = f.get("data")
     if not isinstance(data, h5py.Group):
-        top = ", ".join(sorted(f.keys())[:8]) or "none"
+        top = ", ".join(shorten(k, 80) for k in sorted(f.keys())[:8]) or "none"
         hint = ("; it looks like a solver state (.solverstate.h5): restore it with a solver, or load "
                 "the weights file its learned_net names") if "history" in f or "iter" in f else ""
         what = "a dataset" if data is not None else "missing"
         raise WeightsError(f"no 'data' group ({what}), so not Caffe HDF5 weights (top-level "
                            f"entries: {top}){hint}", where=path)
     layers = []
+    budget = limits.FileBudget(path)
+    check_group_size(data, "max_layers", "group 'data' (one entry per layer)", path)
+    empty = CaffeBlob((), np.zeros(0, np.float32))
     for name in data.keys():  # HDF5's name order, as Caffe iterates them
         group = data.get(name)
+        budget.layer(layer=name)
         if not wanted(name):
             count = len(group) if isinstance(group, h5py.Group) else int(group is not None)
-            layers.append(CaffeLayerWeights(name, "", [CaffeBlob((), np.zeros(0, np.float32))] * count))
+            layers.append(CaffeLayerWeights(name, "", [empty] * min(count, 1 << 16)))
             continue
         if not isinstance(group, h5py.Group):
-            raise WeightsError(f"'data/{name}' is not a group; a layer's blobs are datasets 0, 1, "
+            raise WeightsError(f"'data/{shorten(name, 80)}' is not a group; a layer's blobs are datasets 0, 1, "
                                "... in a group named after the layer", where=path, layer=name)
         blobs: List[Optional[CaffeBlob]] = []
+        check_group_size(group, "max_list_length", f"group 'data/{shorten(name, 80)}'", path, layer=name)
         for key in group.keys():
-            j = _blob_index(key)
+            j = blob_index(key, path, layer=name)
             ds = group.get(key)
             if j is None or not isinstance(ds, h5py.Dataset):
                 kind = "group" if isinstance(ds, h5py.Group) else "entry"
-                raise WeightsError(f"unexpected {kind} '{key}' in the layer's group: Caffe stores a "
+                raise WeightsError(f"unexpected {kind} '{shorten(key, 80)}' in the layer's group: Caffe stores a "
                                    "layer's blobs as datasets named 0, 1, ...", where=path, layer=name)
             if ds.dtype.kind not in "fiu":
-                raise WeightsError(f"dataset has type {ds.dtype}; Caffe reads blobs from float (or "
+                raise WeightsError(f"dataset has type {shorten(ds.dtype, 80)}; Caffe reads blobs from float (or "
                                    "integer) datasets", where=path, layer=name, blob=j)
+            check_dataset(ds, budget, name=key, layer=name, blob=j)
             blobs += [None] * (j + 1 - len(blobs))
             blobs[j] = CaffeBlob(tuple(int(d) for d in ds.shape), _DatasetSource(ds))
         layers.append(CaffeLayerWeights(name, "", blobs))

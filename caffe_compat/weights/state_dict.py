@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from caffe_compat.atomic import atomic_open
-from caffe_compat.errors import ParseError, WeightsError
+from caffe_compat.errors import ParseError, WeightsError, name_list, shorten
 from caffe_compat.file_kind import file_kind_hint
 from caffe_compat.weights.trained_layers import check_finite_array, want_finite_check
 
@@ -97,11 +97,28 @@ def load_state_into(net, sd: StateDict, *, allow_missing: bool = False,
     return notes
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _torch_load_reason(e: Exception) -> str:
-    """The reason in torch.load's error, without its advice to turn weights_only off."""
-    text = str(e)
+    """Why torch.load refused a file, in our words: the Python global the pickle asked for
+    when that is the reason (``Unsupported global: GLOBAL posix.system``, or torch's "unsupported
+    GLOBAL x whose module y is blocked"), else torch's own reason.  Never torch's advice to
+    load with ``weights_only=False`` (which would run the pickle's code) or to allowlist the
+    global: a weights file holds tensors only."""
+    text = _ANSI.sub("", str(e))
+    m = _GLOBAL.search(text)
+    if m:
+        name = m.group(1)[:120]
+        return f"the pickle asks for the Python global '{name}', which was blocked (nothing ran)"
     m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s*Please use|\s*Check the documentation|$)", text, re.S)
     reason = " ".join((m.group(1) if m else text).split()).rstrip(".")
+    # whatever remains, drop every sentence with torch's advice to turn the safety off
+    reason = " ".join(part for part in re.split(r"(?<=[.!?])\s+", reason)
+                      if "weights_only" not in part and "safe_globals" not in part
+                      and "trusted source" not in part and "trust the source" not in part).strip()
+    reason = reason or "torch.load refused it"
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
@@ -121,14 +138,23 @@ def _checked_path(path: str) -> str:
 
 
 def read_safetensors(path: str) -> StateDict:
-    """A ``.safetensors`` file as a state dict."""
+    """A ``.safetensors`` file as a state dict.  Its header's shapes, offsets and tensor
+    count are checked against the limits before any tensor is read
+    (:mod:`caffe_compat.weights.preflight`)."""
     from safetensors.torch import load_file
+
+    from caffe_compat.weights.preflight import check_safetensors_header, read_safetensors_header
 
     path = _checked_path(path)
     try:
+        header, data_bytes = read_safetensors_header(path)
+    except ParseError as e:
+        raise ParseError(f"{e.message}{file_kind_hint(path)}", where=path) from None
+    check_safetensors_header(header, path, data_bytes)
+    try:
         return dict(load_file(path))
     except Exception as e:
-        raise ParseError(f"not a readable safetensors file: {e}{file_kind_hint(path)}",
+        raise ParseError(f"not a readable safetensors file: {shorten(e, 300)}{file_kind_hint(path)}",
                          where=path) from None
 
 
@@ -138,7 +164,10 @@ def read_pt(path: str) -> StateDict:
     It loads with ``torch.load(weights_only=True)``: a pickle that would import or call
     anything beyond tensors and containers is refused, not executed.
     """
+    from caffe_compat.weights.preflight import check_pt_archive, check_tensors
+
     path = _checked_path(path)
+    check_pt_archive(path)  # entry count and sizes from the zip's metadata, before torch reads it
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -148,14 +177,15 @@ def read_pt(path: str) -> StateDict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         held = type(obj).__name__
         if isinstance(obj, dict):
-            held = f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            held = f"a dict with keys {name_list(map(str, obj), 5)}"
             if "state_dict" in obj:
                 held += " (a training checkpoint? save its 'state_dict')"
         raise WeightsError(f"a .pt weights file must hold a dict of tensors (a state dict), "
                            f"this one holds {held}", where=path)
     bad = [k for k in obj if not isinstance(k, str)]
     if bad:
-        raise WeightsError(f"state dict keys must be strings, got {bad[:3]}", where=path)
+        raise WeightsError(f"state dict keys must be strings, got {name_list(map(repr, bad), 3)}", where=path)
+    check_tensors(obj, path)  # shapes, views and totals, before any tensor's data is used
     return dict(obj)
 
 

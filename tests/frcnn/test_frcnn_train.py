@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import List
 
 import numpy as np
 import pytest
@@ -383,20 +384,21 @@ def test_im_proposals_stay_inside_the_image():
 
 
 # ----------------------------------------------------------------------------- (f) it learns
-#: measured (2 idle CPU cores, torch 2.14.1): mAP 0.5558 after 800 iterations, ~34 s of
-#: training (0.04 s per iteration; up to ~4x slower on a busy machine) plus ~4 s for the
-#: data and the test; with cfg.RNG_SEED 4 and 5 instead of 3: 0.590 and 0.556.  A detector
-#: that has learnt nothing scores about 0.
-TINY_ITERS = 800
-TINY_MIN_MAP = 0.35
+#: measured (2 idle CPU cores, torch 2.14.1): after 500 iterations mAP 0.340 with cfg.RNG_SEED 3
+#: (the yml's) and 0.451 with seed 4, loss 2.11 -> 1.33 and 2.34 -> 1.28 (mean of the first
+#: and last 50 iterations); ~25 s of training (0.05 s per iteration) plus ~8 s for the data
+#: and the test.  800 iterations reach 0.556-0.590 (seeds 3-5); `make demo` trains longer.
+#: A detector that has learnt nothing scores about 0.
+TINY_ITERS = 500
+TINY_MIN_MAP = 0.2
 
 
 @pytest.mark.slow
 def test_tiny_faster_rcnn_learns_the_synthetic_set(voc_main, tmp_path):
     """models/faster_rcnn_tiny (solver, nets and yml unchanged) trained from scratch on the CPU
-    for 800 iterations on the 300 synthetic trainval images reaches a VOC07 mAP of 0.5558 on
-    the 100 test images (threshold 0.35; a detector guessing boxes scores about 0); its
-    loss falls from 2.11 (mean of the first 50 iterations) to 1.06 (last 50)."""
+    for 500 iterations on the 300 synthetic trainval images reaches a VOC07 mAP of 0.340 on
+    the 100 test images (threshold 0.2; a detector guessing boxes scores about 0); its
+    loss falls from 2.11 (mean of the first 50 iterations) to 1.33 (last 50)."""
     from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.test import test_net
 
@@ -445,17 +447,32 @@ def _snapshots(folder):
                   for m in [re.match(r"faster_rcnn_tiny_iter_(\d+)\.solverstate$", f)] if m)
 
 
+KILL_ITERS = 8
+
+
+def _kill_base(data_dir: str) -> List[str]:
+    return ["train", "--solver", "models/faster_rcnn_tiny/solver.prototxt", "--cfg", str(TINY_YML),
+            "--iters", str(KILL_ITERS), "--no-progress", "--set", "DATA_DIR", data_dir,
+            "TRAIN.SNAPSHOT_ITERS", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(voc_small, tmp_path_factory) -> bytes:
+    """The final caffemodel of an uninterrupted run of the kill tests' command."""
+    out = tmp_path_factory.mktemp("full")
+    full = _start_cli(_kill_base(voc_small) + ["--output", str(out)], cwd=str(ROOT))
+    full.communicate(timeout=300)
+    assert full.returncode == 0
+    return (out / f"faster_rcnn_tiny_iter_{KILL_ITERS}.caffemodel").read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["training", "snapshot-write"])
-def test_kill9_loses_nothing_and_resume_is_identical(when, voc_small, tmp_path):
+def test_kill9_loses_nothing_and_resume_is_identical(when, voc_small, uninterrupted, tmp_path):
     """SIGKILL (no handler can run) during training, or while a snapshot is being written:
     every snapshot file under its final name is complete (the writes are temp file + fsync +
     rename), and resuming from the last one ends bit-identical to an uninterrupted run."""
-    base = ["train", "--solver", "models/faster_rcnn_tiny/solver.prototxt", "--cfg", str(TINY_YML),
-            "--iters", "12", "--no-progress", "--set", "DATA_DIR", voc_small, "TRAIN.SNAPSHOT_ITERS", "2"]
-    full = _start_cli(base + ["--output", str(tmp_path / "full")], cwd=str(ROOT))
-    full.communicate(timeout=300)
-    assert full.returncode == 0
+    base = _kill_base(voc_small)
     out = tmp_path / "killed"
     env = dict(os.environ)
     if when == "snapshot-write":  # the writer kills itself between its temp file and the rename
@@ -476,7 +493,7 @@ def test_kill9_loses_nothing_and_resume_is_identical(when, voc_small, tmp_path):
             p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, "the run finished before the kill landed"
     done = _snapshots(out)
-    assert done and done[-1] < 12
+    assert done and done[-1] < KILL_ITERS
     if when == "snapshot-write":
         assert done == [2, 4] and any(n.endswith(".tmp") for n in os.listdir(out))
     from safetensors import safe_open
@@ -489,6 +506,4 @@ def test_kill9_loses_nothing_and_resume_is_identical(when, voc_small, tmp_path):
     resumed = _start_cli(base + ["--output", str(out), "--snapshot", str(last)], cwd=str(ROOT))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    a = (tmp_path / "full" / "faster_rcnn_tiny_iter_12.caffemodel").read_bytes()
-    b = (out / "faster_rcnn_tiny_iter_12.caffemodel").read_bytes()
-    assert a == b
+    assert (out / f"faster_rcnn_tiny_iter_{KILL_ITERS}.caffemodel").read_bytes() == uninterrupted

@@ -16,6 +16,7 @@ from caffe_compat.frcnn.config import temporary_cfg
 from caffe_compat.layers.base import BuildContext
 from caffe_compat.layers.registry import resolve
 from caffe_compat.protos import caffe_pb2
+from conftest import PROPOSAL_NET as PROPOSAL_TEMPLATE
 from test_boxes import ref_anchors, ref_iou  # the independent box references
 
 AT = "rpn.anchor_target_layer.AnchorTargetLayer"
@@ -746,15 +747,7 @@ def test_layers_stay_on_cuda_and_match_cpu():
 
 
 # ---------------------------------------------------------------------------- build-time config
-PROPOSAL_NET = """
-name: "proposals"
-layer { name: 'in' type: 'Input' top: 'prob' top: 'pred' top: 'im_info'
-  input_param { shape { dim: 1 dim: 12 dim: 4 dim: 5 } shape { dim: 1 dim: 24 dim: 4 dim: 5 }
-                shape { dim: 1 dim: 3 } } }
-layer { name: 'proposal' type: 'Python' bottom: 'prob' bottom: 'pred' bottom: 'im_info'
-  top: 'rois' top: 'scores' python_param { module: 'rpn.proposal_layer' layer: 'ProposalLayer'
-                 param_str: "'feat_stride': 16\\n'scales': [1, 2]" } }
-"""
+PROPOSAL_NET = PROPOSAL_TEMPLATE.replace("PARAM", "'feat_stride': 16\\n'scales': [1, 2]")
 
 
 def _proposals(net):

@@ -274,6 +274,8 @@ def test_real_caffe_already_imported_is_left_alone(tmp_path, monkeypatch):
         import caffe
         SEEN = caffe
         class Base(caffe.Layer):
+            def setup(self, bottom, top):
+                pass
             def reshape(self, bottom, top):
                 top[0].reshape(*bottom[0].data.shape)
         class Plus(Base):
@@ -298,6 +300,8 @@ def test_module_found_next_to_the_prototxt(tmp_path):
     (tmp_path / "cc_beside_prototxt.py").write_text(textwrap.dedent("""
         import caffe
         class Neg(caffe.Layer):
+            def setup(self, bottom, top):
+                pass
             def reshape(self, bottom, top):
                 top[0].reshape(*bottom[0].data.shape)
             def forward(self, bottom, top):
@@ -450,6 +454,8 @@ def test_net_finds_module_beside_prototxt(tmp_path, monkeypatch):
     (d / "cc_net_beside.py").write_text(textwrap.dedent("""
         import caffe
         class Square(caffe.Layer):
+            def setup(self, bottom, top):
+                pass
             def reshape(self, bottom, top):
                 top[0].reshape(*bottom[0].data.shape)
             def forward(self, bottom, top):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.errors import DataError, GraphError, SchemaError
+from caffe_compat.errors import DataError, GraphError, SchemaError, shorten
 from caffe_compat.frcnn.config import build_cfg, parse_param_str
 from caffe_compat.layers.base import Layer, Shape
 from caffe_compat.layers.registry import register_python
@@ -65,7 +65,7 @@ class RoIDataLayer(Layer):
         k = p["num_classes"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise self.error(SchemaError, f"param_str 'num_classes' must be a positive integer, "
-                                          f"got {k!r}")
+                                          f"got {shorten(repr(k), 80)}")
         self.num_classes = k
         c = build_cfg(ctx).TRAIN
         #: minibatch drawing from a roidb (``set_roidb``): the config's, read once now

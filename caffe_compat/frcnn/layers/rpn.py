@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from caffe_compat.boxes import bbox_overlaps, nms
-from caffe_compat.errors import DataError, SchemaError, ShapeError
+from caffe_compat.errors import DataError, SchemaError, ShapeError, shorten
 from caffe_compat.frcnn.boxes import (bbox_transform, bbox_transform_inv, clip_boxes, filter_boxes,
                                       generate_anchors, shifted_anchors)
 from caffe_compat.frcnn.config import AttrDict, build_cfg, parse_param_str
@@ -53,7 +53,7 @@ def _is_number(v: Any) -> bool:
 def _number_list(v: Any, key: str, layer: str) -> Tuple[float, ...]:
     if isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_number(x) and x > 0 for x in v):
         return tuple(v)
-    raise SchemaError(f"param_str '{key}' must be a non-empty list of positive numbers, got {v!r}",
+    raise SchemaError(f"param_str '{key}' must be a non-empty list of positive numbers, got {shorten(repr(v), 80)}",
                       layer=layer)
 
 
@@ -67,7 +67,7 @@ class _AnchorMixin:
         p = parse_param_str(_param_str(param), self.name, self._PARAM_KEYS, required=("feat_stride",))
         stride = p["feat_stride"]
         if not _is_number(stride) or stride <= 0:
-            raise SchemaError(f"param_str 'feat_stride' must be a positive number, got {stride!r}",
+            raise SchemaError(f"param_str 'feat_stride' must be a positive number, got {shorten(repr(stride), 80)}",
                               layer=self.name)
         self.feat_stride = stride
         self.scales = _number_list(p.get("scales", (8, 16, 32)), "scales", self.name)
@@ -180,7 +180,7 @@ def _check_gt(layer: Layer, gt: Tensor, min_cols: int) -> None:
 def _four(values: Sequence[float], key: str, layer: str) -> Tuple[float, float, float, float]:
     vals = tuple(float(v) for v in values)
     if len(vals) != 4:
-        raise SchemaError(f"config key '{key}' must hold 4 numbers, got {values!r}", layer=layer)
+        raise SchemaError(f"config key '{key}' must hold 4 numbers, got {shorten(repr(values), 80)}", layer=layer)
     return vals  # type: ignore[return-value]
 
 
@@ -295,7 +295,7 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
         p = self._read_anchor_params(param)
         border = p.get("allowed_border", 0)
         if not _is_number(border):
-            raise self.error(SchemaError, f"param_str 'allowed_border' must be a number, got {border!r}")
+            raise self.error(SchemaError, f"param_str 'allowed_border' must be a number, got {shorten(repr(border), 80)}")
         self.allowed_border = border
         #: the config keys it uses, read once now
         self.opts = AnchorTargetOptions.from_config(build_cfg(ctx), self.name)
@@ -502,7 +502,7 @@ class ProposalTargetLayer(_Sampler, Layer):
         k = p["num_classes"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise self.error(SchemaError, f"param_str 'num_classes' must be a positive integer, "
-                                          f"got {k!r}")
+                                          f"got {shorten(repr(k), 80)}")
         self.num_classes = k
         #: the config keys it uses, read once now
         self.opts = ProposalTargetOptions.from_config(build_cfg(ctx), self.name)

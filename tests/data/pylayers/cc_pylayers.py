@@ -147,6 +147,9 @@ class YamlDataLayer(caffe.Layer):
 class InPlaceDoubleLayer(caffe.Layer):
     """Doubles its bottom in place: writes bottom data only (the top is the same blob)."""
 
+    def setup(self, bottom, top):
+        pass
+
     def reshape(self, bottom, top):
         pass
 
@@ -161,9 +164,15 @@ class FailingLayer(caffe.Layer):
     def setup(self, bottom, top):
         raise ValueError("bad param_str: %r" % self.param_str)
 
+    def forward(self, bottom, top):
+        pass
+
 
 class LazyImportLayer(caffe.Layer):
     """Imports caffe inside a method, as some legacy layers do."""
+
+    def setup(self, bottom, top):
+        pass
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
