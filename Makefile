@@ -30,12 +30,16 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# Two workers of one intra-op thread each: most tests are small (Python-bound) or wait on
+# subprocesses, and two torch processes with two threads each would fight over the 2 cores.
+PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 # the suite without the end-to-end trainings marked slow
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m caffe_compat.frcnn.demo

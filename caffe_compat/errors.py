@@ -184,6 +184,10 @@ def _rebuild_write(cls, state, args, errno):
     return err
 
 
+#: paths are quoted whole up to Linux's PATH_MAX: a user needs the exact path, and no real one is longer
+PATH_WIDTH = 4096
+
+
 def shorten(value: Any, width: int = 80) -> str:
     """``str(value)`` cut to about ``width`` characters (a message never quotes unbounded input)."""
     text = str(value)

@@ -50,7 +50,9 @@ def _montage(paths: List[str], out: str, cols: int = 3, cell: int = 300) -> Opti
     while len(tiles) % cols:
         tiles.append(np.full((cell, cell, 3), 255, np.uint8))
     rows = [np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)]
-    cv2.imwrite(out, np.vstack(rows))
+    from caffe_compat.frcnn.vis import write_image
+
+    write_image(out, np.vstack(rows))
     return out
 
 

@@ -95,13 +95,10 @@ def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequen
                   sync: Optional[Callable[[], None]] = None) -> Iterator[ImageRecord]:
     """Detect, draw into ``out_dir`` and yield one record per image, as each finishes
     (so a caller can show progress).  ``sync`` waits for the device before timing."""
-    import cv2
-
+    from caffe_compat.atomic import check_output, refuse_overwriting_inputs
     from caffe_compat.errors import DataError
     from caffe_compat.frcnn.test import Timer, read_image
-    from caffe_compat.frcnn.vis import draw_detections
-
-    from caffe_compat.atomic import check_output, refuse_overwriting_inputs
+    from caffe_compat.frcnn.vis import draw_detections, write_image
 
     used: set = set()
     out_paths = [os.path.join(out_dir, output_name(path, used)) for path in images]
@@ -119,8 +116,7 @@ def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequen
         found, per_class, num_props = detect_image(net, im, classes, thresh, nms_thresh)
         timer.toc()
         drawn = draw_detections(im, per_class, thresh=thresh)
-        if not cv2.imwrite(out_path, drawn):
-            raise DataError("cannot write image", where=out_path)
+        write_image(out_path, drawn)
         yield {"image": os.path.abspath(path), "output": os.path.abspath(out_path),
                "width": int(im.shape[1]), "height": int(im.shape[0]),
                "num_proposals": num_props, "time_s": timer.diff, "detections": found}

@@ -530,16 +530,14 @@ test_net.__test__ = False  # type: ignore[attr-defined]  # not a pytest test whe
 
 def _write_vis(im: np.ndarray, per_class: List[np.ndarray], imdb: Any, i: int, output_dir: str) -> None:
     """py-faster-rcnn showed each class in a matplotlib window; here one image per test image."""
-    import cv2
-
-    from caffe_compat.frcnn.vis import draw_detections
+    from caffe_compat.frcnn.vis import draw_detections, write_image
 
     dets = [(imdb.classes[j], j, d) for j, d in enumerate(per_class) if j > 0 and len(d)]
     drawn = draw_detections(im, dets, thresh=0.3, num_classes=imdb.num_classes)
     vis_dir = os.path.join(output_dir, "vis")
     os.makedirs(vis_dir, exist_ok=True)
     stem = str(imdb.image_index[i]).replace(os.sep, "_")
-    cv2.imwrite(os.path.join(vis_dir, stem + ".jpg"), drawn)
+    write_image(os.path.join(vis_dir, stem + ".jpg"), drawn)
 
 
 def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, comp_mode: bool = False,

@@ -83,3 +83,20 @@ def draw_detections(im: np.ndarray, detections: Iterable[Tuple[str, int, np.ndar
         cv2.putText(out, text, (tx + 1, ty - base), font, font_scale, _text_colour(colour),
                     font_thick, cv2.LINE_AA)
     return out
+
+
+def write_image(path: str, image: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode ``image`` (BGR) by ``path``'s suffix and write it atomically: a crash leaves the
+    previous file, and a target that is one of the command's inputs is refused."""
+    import os
+
+    import cv2
+
+    from caffe_compat.atomic import atomic_write
+    from caffe_compat.errors import DataError
+
+    ext = os.path.splitext(path)[1] or ".png"
+    ok, buf = cv2.imencode(ext, image, list(params))
+    if not ok:
+        raise DataError(f"cannot encode the image as {ext}", where=path)
+    atomic_write(path, buf.tobytes())

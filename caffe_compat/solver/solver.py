@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caffe_compat.errors import CaffeCompatError, SolverDefinitionError, SolverError, SolverStateError
+from caffe_compat.errors import (PATH_WIDTH, CaffeCompatError, SolverDefinitionError, SolverError,
+                                 SolverStateError)
 from caffe_compat.hdf5_util import h5py_module, looks_like_hdf5
 from caffe_compat.io import read_net_text, read_solver_text
 from caffe_compat.net import Net
@@ -256,8 +257,9 @@ class Solver:
                 raise SolverDefinitionError("snapshot is specified but snapshot_prefix is not")
             folder = os.path.dirname(os.path.abspath(p.snapshot_prefix))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise SolverDefinitionError(f"cannot write to snapshot prefix '{_short(p.snapshot_prefix)}': "
-                                            f"make sure the directory {_short(folder)} exists and is writable")
+                prefix, where = _short(p.snapshot_prefix, PATH_WIDTH), _short(folder, PATH_WIDTH)
+                raise SolverDefinitionError(f"cannot write to snapshot prefix '{prefix}': "
+                                            f"make sure the directory {where} exists and is writable")
         if p.snapshot_diff:
             log.warning("snapshot_diff is ignored: snapshots hold weights only")
         self._train_source()  # the nets' fields, before the (possibly long) train net build
@@ -267,7 +269,7 @@ class Solver:
     def _net_file(path: str, what: str) -> str:
         if os.path.exists(path):
             return path
-        raise SolverDefinitionError(f"{what} file '{_short(path)}' not found (net paths in a solver are "
+        raise SolverDefinitionError(f"{what} file '{_short(path, PATH_WIDTH)}' not found (net paths in a solver are "
                                     f"relative to the current directory {os.getcwd()}, as in Caffe)")
 
     @staticmethod

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from caffe_compat.atomic import atomic_write
 from caffe_compat.errors import DataError
 from caffe_compat.frcnn.config import cfg
 from caffe_compat.frcnn.datasets.imdb import (Roidb, RoidbEntry, imdb, load_roidb, save_roidb,
@@ -275,8 +276,7 @@ class coco(imdb):  # noqa: N801 - py-faster-rcnn's name
                 continue
             results.extend(self._coco_results_one_category(all_boxes[cls_ind],
                                                             self._class_to_coco_cat_id[cls]))
-        with open(res_file, "w") as f:
-            json.dump(results, f)
+        atomic_write(res_file, json.dumps(results).encode("utf-8"))
 
     def _do_detection_eval(self, res_file: str, output_dir: str) -> Dict[str, Any]:
         pc = _need_pycocotools("COCO evaluation")
@@ -296,9 +296,10 @@ class coco(imdb):  # noqa: N801 - py-faster-rcnn's name
             p = precision[:, :, cat_axis[self._class_to_coco_cat_id[cls]]]
             per_class[cls] = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
         result = {"stats": [float(s) for s in ev.stats], "AP": float(ev.stats[0]), "ap": per_class}
-        with open(osp.join(output_dir, "detection_results.json"), "w") as f:
-            json.dump({"stats": result["stats"],
-                       "ap": {c: (None if np.isnan(a) else a) for c, a in per_class.items()}}, f, indent=1)
+        atomic_write(osp.join(output_dir, "detection_results.json"),
+                     json.dumps({"stats": result["stats"],
+                                 "ap": {c: (None if np.isnan(a) else a) for c, a in per_class.items()}},
+                                indent=1).encode("utf-8"))
         return result
 
     def evaluate_detections(self, all_boxes: Sequence[Sequence[Any]],

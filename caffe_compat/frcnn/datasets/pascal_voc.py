@@ -14,6 +14,7 @@ a fingerprint of the annotation files, so an edited or regenerated data set is r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from caffe_compat.atomic import atomic_write
 from caffe_compat.errors import DataError
 from caffe_compat.frcnn.config import cfg
 from caffe_compat.frcnn.datasets import voc_eval as _voc
@@ -200,16 +202,17 @@ class pascal_voc(imdb):  # noqa: N801 - py-faster-rcnn's name
         for cls_ind, cls in enumerate(self.classes):
             if cls == "__background__":
                 continue
-            with open(template.format(cls), "wt") as f:
-                for im_ind, index in enumerate(self.image_index):
-                    dets = all_boxes[cls_ind][im_ind]
-                    if dets is None or len(dets) == 0:
-                        continue
-                    dets = np.asarray(dets)
-                    for k in range(dets.shape[0]):
-                        f.write("{:s} {:.3f} {:.1f} {:.1f} {:.1f} {:.1f}\n".format(
-                            index, dets[k, -1], dets[k, 0] + 1, dets[k, 1] + 1,
-                            dets[k, 2] + 1, dets[k, 3] + 1))
+            lines: List[str] = []
+            for im_ind, index in enumerate(self.image_index):
+                dets = all_boxes[cls_ind][im_ind]
+                if dets is None or len(dets) == 0:
+                    continue
+                dets = np.asarray(dets)
+                for k in range(dets.shape[0]):
+                    lines.append("{:s} {:.3f} {:.1f} {:.1f} {:.1f} {:.1f}\n".format(
+                        index, dets[k, -1], dets[k, 0] + 1, dets[k, 1] + 1,
+                        dets[k, 2] + 1, dets[k, 3] + 1))
+            atomic_write(template.format(cls), "".join(lines).encode("utf-8"))
 
     def _check_all_boxes(self, all_boxes: Sequence[Sequence[Any]]) -> None:
         if len(all_boxes) != self.num_classes:
@@ -237,14 +240,16 @@ class pascal_voc(imdb):  # noqa: N801 - py-faster-rcnn's name
             aps[cls] = ap
             log.info("AP for %s = %.4f", cls, ap)
             if output_dir:
-                np.savez(os.path.join(output_dir, cls + "_pr.npz"), rec=rec, prec=prec, ap=np.float64(ap))
+                buf = io.BytesIO()
+                np.savez(buf, rec=rec, prec=prec, ap=np.float64(ap))
+                atomic_write(os.path.join(output_dir, cls + "_pr.npz"), buf.getvalue())
         result = {"ap": aps, "mAP": _voc.mean_ap(aps.values()), "use_07_metric": use_07_metric}
         if output_dir:
             as_json = dict(result, ap={c: (None if np.isnan(a) else a) for c, a in aps.items()})
             if np.isnan(result["mAP"]):
                 as_json["mAP"] = None
-            with open(os.path.join(output_dir, "voc_eval.json"), "w") as f:
-                json.dump(as_json, f, indent=1)
+            atomic_write(os.path.join(output_dir, "voc_eval.json"),
+                         json.dumps(as_json, indent=1).encode("utf-8"))
         return result
 
     def evaluate_detections(self, all_boxes: Sequence[Sequence[Any]],
