@@ -21,6 +21,7 @@ import warnings
 import zipfile
 from typing import List
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -34,8 +35,6 @@ from caffe_compat.net import Net
 from capped import with_cap  # noqa: E402
 from conftest import PROPOSAL_NET, ROOT  # noqa: E402
 from test_errors import SMALL, Case, blob_shape_data, check_bad_input, field, varint, write  # noqa: E402
-
-h5py = pytest.importorskip("h5py")
 
 
 # ---------------------------------------------------------------------- builders
