@@ -27,6 +27,7 @@ from caffe_compat.errors import (CaffeCompatError, DataError, GraphError, LimitE
                                  ShapeError, UnknownLayerError, name_list, shorten)
 from caffe_compat.forward_backward import LayerRef, Record, backward_from_to, forward_from_to, step_index
 from caffe_compat.fuse import fold_batchnorm_into_conv
+from caffe_compat import inference_plan
 from caffe_compat.insert_splits import Step, insert_splits, mark_need_backward
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
@@ -157,6 +158,14 @@ class Net(nn.Module):
 
     ``context`` is handed to every layer as ``BuildContext.extra``: settings a layer
     family reads once, when it is built (``{"frcnn_cfg": cfg}``: py-faster-rcnn's config).
+
+    Fast by default: a whole-net ``forward`` of a TEST net on the CPU with grad off
+    (``torch.no_grad()`` / ``torch.inference_mode()``) runs its 2-D convolutions in NHWC
+    layout with prepacked oneDNN weights, folding BatchNorm/Scale and fusing ReLU where
+    those overwrite the convolution's top in place (:mod:`caffe_compat.inference_plan`):
+    Caffe's numbers (fp32 rounding only) and ``net.blobs`` names and values stay, the
+    parameters are not touched.  ``exact_layout=True`` (or ``net.exact_layout = True``)
+    keeps the plain layer-by-layer NCHW path.
     """
 
     def __init__(self, model: ModelSource, weights: Optional[str] = None, phase: str = "test", *,
@@ -164,8 +173,11 @@ class Net(nn.Module):
                  allow_python_layers: Optional[bool] = None, allow_missing: bool = False,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                  seed: Optional[int] = None, device=None, allow_tf32: bool = False, schema=None,
-                 context: Optional[Mapping[str, Any]] = None):
+                 context: Optional[Mapping[str, Any]] = None, exact_layout: bool = False):
         super().__init__()
+        #: True keeps the layer-by-layer NCHW path for grad-free TEST forwards too (the
+        #: default runs :mod:`caffe_compat.inference_plan` there); settable at any time
+        self.exact_layout = bool(exact_layout)
         from caffe_compat.io import active_schema
         from caffe_compat.proto_schema import as_schema, use_schema
 
@@ -635,8 +647,16 @@ class Net(nn.Module):
         self._layerwise = False
         blobs: Dict[str, Tensor] = {}
         loss: Optional[Tensor] = None
-        for e in self.entries:
+        plan = inference_plan.plan_for(self) if inference_plan.applies(self) else None
+        for i, e in enumerate(self.entries):
             m = e.module
+            if plan is not None:
+                if i in plan.skip:  # an in-place layer its convolution step ran already
+                    continue
+                fused = plan.convs.get(i)
+                if fused is not None:
+                    blobs[e.tops[0]] = fused.run(blobs[e.bottoms[0]])
+                    continue
             if m is None:
                 raise DataError(f"layer cannot run: {e.unbuilt_reason}", layer=e.name)
             bottoms = [blobs[b] if p else blobs[b].detach() for b, p in zip(e.bottoms, e.propagate_down)]

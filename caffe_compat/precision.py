@@ -11,16 +11,32 @@ added per-operator switches beside the legacy ones and raises when the two disag
 switches are set through the API the user's current state is consistent with:
 ``torch.set_float32_matmul_precision`` for cuBLAS (it keeps both APIs in step), the legacy
 ``cudnn.allow_tf32`` for cuDNN unless the user already mixed the APIs, then the per-op one.
+
+The commands' ``--precision`` (:data:`PRECISIONS`) picks how far to leave Caffe's numbers:
+
+* ``fp32`` (default): the exact path above;
+* ``tf32``: the net's ``allow_tf32`` for the run (TensorFloat-32 matmuls/convolutions on
+  Ampere and later GPUs; on the CPU it changes nothing);
+* ``bf16``: ``torch.autocast`` to bfloat16 (CUDA or CPU); weights, losses, the RPN's box
+  arithmetic and the solver's update stay fp32; no loss scaling (bf16 has fp32's range);
+* ``fp16``: ``torch.autocast`` to float16 on CUDA, training with dynamic loss scaling
+  (``torch.amp.GradScaler``: an iteration whose gradients overflow is skipped and the
+  scale halves).  Refused on the CPU: CPU float16 kernels are few and slow there, and
+  bf16 is the CPU's reduced precision.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-__all__ = ["exact_fp32", "tf32_state"]
+__all__ = ["exact_fp32", "tf32_state", "PRECISIONS", "check_precision", "autocast_dtype",
+           "autocast", "inference_precision", "install_training_precision", "SolverOptimizer"]
+
+#: the ``--precision`` choices, exact first
+PRECISIONS: Tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
 
 _lock = threading.Lock()
 _depth = 0
@@ -84,3 +100,158 @@ def exact_fp32(enabled: bool = True) -> Iterator[None]:
                 for fn in reversed(_undo):
                     fn()
                 _undo.clear()
+
+
+# ----------------------------------------------------------------------------- --precision
+def check_precision(mode: str, device: Any = None) -> str:
+    """``mode`` lower-cased if it is one of :data:`PRECISIONS` usable on ``device``, else a
+    ``SchemaError`` saying what to use instead."""
+    from caffe_compat.errors import SchemaError
+
+    m = str(mode).strip().lower()
+    if m not in PRECISIONS:
+        raise SchemaError(f"unknown precision {str(mode)[:40]!r}; choose one of {', '.join(PRECISIONS)}")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if m == "fp16" and dev.type != "cuda":
+        raise SchemaError("precision fp16 needs a CUDA device (--gpu ID); on the CPU use bf16")
+    return m
+
+
+def autocast_dtype(mode: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs ``mode`` in, or None for the fp32 modes."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mode).lower())
+
+
+def autocast(mode: str, device: Any) -> "contextlib.AbstractContextManager[Any]":
+    """``torch.autocast`` for bf16/fp16 on ``device``'s type; a no-op context for fp32/tf32."""
+    dtype = autocast_dtype(mode)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+#: layer types kept in fp32 under autocast: box arithmetic (py-faster-rcnn's Python layers;
+#: a box coordinate near 1000 has a 4-pixel step in bf16) and ROI pooling (its -FLT_MAX
+#: sentinel does not exist in half precision); max pooling of upcast values is exact
+FP32_LAYER_TYPES: Tuple[str, ...] = ("Python", "ROIPooling", "ROIAlign", "PSROIPooling")
+
+
+def _to_fp32(module: Any, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16)
+                 else a for a in args)
+
+
+def keep_fp32_layers(net: Any) -> List[Any]:
+    """Make :data:`FP32_LAYER_TYPES` layers of ``net`` take fp32 bottoms (forward pre-hooks);
+    returns the hook handles (``.remove()`` them to undo)."""
+    handles = []
+    for e in getattr(net, "entries", ()):
+        m = e.module
+        if m is not None and e.type in FP32_LAYER_TYPES and hasattr(m, "register_forward_pre_hook"):
+            handles.append(m.register_forward_pre_hook(_to_fp32))
+    return handles
+
+
+def _net_device(net: Any) -> torch.device:
+    dev = getattr(net, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def inference_precision(net: Any, mode: str = "fp32") -> Iterator[str]:
+    """Run ``net``'s forwards inside the block in ``mode`` (checked for its device).
+
+    ``tf32`` sets the net's ``allow_tf32`` for the block (restored after it); ``bf16`` and
+    ``fp16`` autocast.  Yields the checked mode.
+    """
+    m = check_precision(mode, _net_device(net))
+    had = getattr(net, "allow_tf32", None)
+    if m == "tf32" and had is not None:
+        net.allow_tf32 = True
+    handles = keep_fp32_layers(net) if autocast_dtype(m) is not None else []
+    try:
+        with autocast(m, _net_device(net)):
+            yield m
+    finally:
+        for h in handles:
+            h.remove()
+        if m == "tf32" and had is not None:
+            net.allow_tf32 = had
+
+
+class SolverOptimizer(torch.optim.Optimizer):
+    """A solver's update seen as a torch optimizer, so ``torch.amp.GradScaler`` can drive it:
+    ``step()`` runs the solver's own Caffe update (clipping, ``iter_size``, decay, rule)
+    on the gradients the scaler unscaled, and is skipped by the scaler when they overflow."""
+
+    def __init__(self, solver: Any, update: Callable[[bool], float]) -> None:
+        params = [info.param for info in solver.net.learnable_params()]
+        super().__init__(params or [torch.zeros(0, requires_grad=True)], {})
+        self._update = update
+        self.display = False
+        self.rate: Optional[float] = None
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:  # type: ignore[override]
+        self.rate = self._update(self.display)
+
+
+def install_training_precision(solver: Any, mode: str, *, scaler: Any = None) -> Optional[Any]:
+    """Train ``solver`` (a :class:`caffe_compat.solver.Solver`) in ``mode`` from now on.
+
+    ``tf32``: its nets' ``allow_tf32``.  ``bf16``/``fp16``: each forward under autocast (the
+    backward follows the dtypes autocast chose), and for ``fp16`` (or a given ``scaler``)
+    the loss scaled before backward, the gradients unscaled before the Caffe update, which
+    is skipped for an iteration whose gradients are not finite (the scale then shrinks).
+    Returns the ``GradScaler`` in use, or None.  The solver's ``_forward_backward`` and
+    ``apply_update`` are replaced on the instance (a solver-level hook would be cleaner).
+    """
+    net = solver.net
+    device = _net_device(net)
+    m = check_precision(mode, device)
+    if m == "tf32":
+        for n in [net] + list(getattr(solver, "test_nets", []) or []):
+            n.allow_tf32 = True
+        return None
+    if m == "fp32" and scaler is None:
+        return None
+    if scaler is None and m == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+    dtype = autocast_dtype(m)
+    if dtype is not None:
+        for n in [net] + list(getattr(solver, "test_nets", []) or []):
+            keep_fp32_layers(n)
+
+    def forward_backward(iteration: int, pass_index: int) -> Optional[torch.Tensor]:
+        inputs = solver._feed_inputs(iteration, pass_index)
+        if dtype is None:
+            solver.net.forward(**inputs)
+        else:
+            with torch.autocast(device.type, dtype=dtype):
+                solver.net.forward(**inputs)
+        loss = solver.net.loss
+        if loss is None:
+            return None
+        if loss.requires_grad:
+            with solver.net.precision():
+                (loss if scaler is None else scaler.scale(loss.float())).backward()
+        return loss.detach().float()
+
+    solver._forward_backward = forward_backward
+    if scaler is not None:
+        update = solver.apply_update
+        opt = SolverOptimizer(solver, update)
+
+        def apply_update(display: bool = False) -> float:
+            opt.display, opt.rate = display, None
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            if opt.rate is None:   # skipped: gradients overflowed at this scale
+                solver.skipped_iterations += 1
+                return float(solver.last_lr or 0.0)
+            return opt.rate
+
+        solver.apply_update = apply_update
+    solver.grad_scaler = scaler
+    solver.skipped_iterations = 0
+    return scaler

@@ -624,14 +624,19 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
                 max_iter: Optional[int] = None, device: Any = None,
                 formats: Sequence[str] = ("caffemodel",), output_dir: Optional[str] = None,
                 progress: bool = True, progress_stream: Any = None,
-                handle_signals: bool = True) -> TrainResult:
+                handle_signals: bool = True, precision: str = "fp32") -> TrainResult:
     """``caffe train``: run the solver (its nets read their own data layers) to ``max_iter``
     (the solver's unless given), snapshotting as the solver says
-    (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given)."""
+    (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given).  ``precision``: see
+    :func:`caffe_compat.precision.install_training_precision` (fp32 is Caffe's numbers)."""
     param = load_solver_param(solver)
     if max_iter is not None:
         param.max_iter = int(max_iter)
     s = TrainSolver(param, output_dir=output_dir, formats=formats, device=device, weights=weights)
+    if precision != "fp32":
+        from caffe_compat.precision import install_training_precision
+
+        install_training_precision(s, precision)
     folder = output_dir or os.path.dirname(os.path.abspath(s.prefix))
     hooks = default_hooks(int(s.param.max_iter), folder, os.path.basename(s.prefix) or "train",
                           resume=resume, progress=progress, progress_stream=progress_stream,

@@ -11,8 +11,8 @@ from typing import Any, Dict, List
 import click
 
 from caffe_compat.cli.main import friendly, main, writes
-from caffe_compat.cli.options import (cfg_options, check_file, config_scope, gpu_option,
-                                      python_layers_option)
+from caffe_compat.cli.options import (batch_option, cfg_options, check_file, config_scope, gpu_option,
+                                      precision_option, python_layers_option)
 
 @main.command("detect")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
@@ -29,11 +29,13 @@ from caffe_compat.cli.options import (cfg_options, check_file, config_scope, gpu
               help="VOC (default), comma-separated class names, or a file with one per line "
                    "(background first or implied).")
 @gpu_option()
+@batch_option()
+@precision_option()
 @python_layers_option()
 @writes("out_dir")
 @friendly
 def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh, nms_thresh, classes_spec,
-                   gpu, allow_python_layers):
+                   gpu, batch, precision, allow_python_layers):
     """Detect objects in IMAGES and write them, boxes drawn, to --out."""
     from caffe_compat.device import resolve_device
     from caffe_compat.errors import DataError, GraphError
@@ -49,6 +51,8 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh,
     with config_scope(cfg_file, set_pairs, (), gpu) as cfg:
         cfg.TEST.HAS_RPN = True            # the demo's proposals come from the net's RPN
         device = resolve_device(gpu)
+        from caffe_compat.precision import check_precision
+        check_precision(precision, device)
         net = Net(model, phase="test", device=device, allow_python_layers=allow_python_layers or None)
         for note in net.load_weights(weights):
             click.echo(f"note: {note}", err=True)
@@ -58,7 +62,8 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh,
         sync = (lambda: __import__("torch").cuda.synchronize(device)) if device.type == "cuda" else None
         records: List[Dict[str, Any]] = []
         for path, rec in zip(images, detect_images(net, images, out_dir, classes, thresh=thresh,
-                                                   nms_thresh=nms_thresh, sync=sync)):
+                                                   nms_thresh=nms_thresh, sync=sync,
+                                                   batch=batch, precision=precision)):
             records.append(rec)
             found = rec["detections"]
             summary = ", ".join(f"{d['class']} {d['score']:.3f}" for d in found[:5])

@@ -20,7 +20,7 @@ import click
 
 __all__ = ["gpu_option", "cfg_options", "config_scope", "input_shape_option", "parse_input_shapes",
            "phase_option", "state_options", "python_layers_option", "check_file", "SET_HELP",
-           "extra_args"]
+           "extra_args", "precision_option", "batch_option"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,6 +126,22 @@ def python_layers_option(help: str = "Allow importing the modules of unregistere
                          ) -> Callable[[F], F]:
     """``--allow-python-layers`` (or ``CAFFE_COMPAT_ALLOW_PYTHON_LAYERS``)."""
     return click.option("--allow-python-layers", is_flag=True, envvar="CAFFE_COMPAT_ALLOW_PYTHON_LAYERS",
+                        help=help)
+
+
+def precision_option(help: str = "Arithmetic: fp32 (Caffe's numbers), tf32 (TensorFloat-32 on "
+                     "Ampere+ GPUs; no change on the CPU), bf16 (autocast; CUDA or CPU), fp16 "
+                     "(autocast, loss scaling when training; CUDA only).") -> Callable[[F], F]:
+    """``--precision fp32|tf32|bf16|fp16`` -> the parameter ``precision`` (checked against
+    the device by :func:`caffe_compat.precision.check_precision`)."""
+    return click.option("--precision", "precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"],
+                        case_sensitive=False), default="fp32", show_default=True, help=help)
+
+
+def batch_option(help: str = "Images per forward: consecutive images of the same resized shape "
+                 "share one (the same detections as 1; others run alone).") -> Callable[[F], F]:
+    """``--batch N`` (N >= 1) -> the parameter ``batch``."""
+    return click.option("--batch", "batch", type=click.IntRange(min=1), default=1, show_default=True,
                         help=help)
 
 

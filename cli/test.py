@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import click
 
 from caffe_compat.cli.main import friendly, main, writes
-from caffe_compat.cli.options import (cfg_options, check_file, config_scope, extra_args, gpu_option,
-                                      python_layers_option, state_options)
+from caffe_compat.cli.options import (batch_option, cfg_options, check_file, config_scope, extra_args,
+                                      gpu_option, precision_option, python_layers_option, state_options)
 
 __all__ = ["echo_ap"]
 
@@ -52,13 +52,17 @@ def echo_ap(result: Mapping[str, Any]) -> None:
               help="Proposal file for TEST.PROPOSAL_METHOD rpn (from `caffe-compat rpn-generate`).")
 @click.option("--iterations", "-n", type=int, default=50, show_default=True,
               help="Caffe mode: number of forward passes.")
+@batch_option("--imdb mode: images per forward (consecutive images of one resized shape share "
+              "one; the same detections as 1).")
+@precision_option()
 @state_options
 @python_layers_option()
 @click.pass_context
 @writes("output_dir")
 @friendly
 def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_mode, max_per_image,
-                 thresh, vis, output_dir, rpn_file, iterations, stages, level, allow_python_layers):
+                 thresh, vis, output_dir, rpn_file, iterations, batch, precision, stages, level,
+                 allow_python_layers):
     """Test MODEL with WEIGHTS: detection mAP on --imdb, or Caffe's averaged outputs."""
     from caffe_compat.device import resolve_device
 
@@ -72,7 +76,8 @@ def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_
             echo_ap(test_imdb(model, weights, imdb_name, device=device, comp_mode=comp_mode,
                               max_per_image=max_per_image, thresh=thresh, vis=vis,
                               output_dir=output_dir, rpn_file=rpn_file, stages=stages, level=level,
-                              allow_python_layers=allow_python_layers or None, log_fn=click.echo,
+                              allow_python_layers=allow_python_layers or None, batch=batch,
+                              precision=precision, log_fn=click.echo,
                               note_fn=lambda line: click.echo(line, err=True)))
         else:
             from caffe_compat.net import Net
@@ -83,4 +88,6 @@ def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_
                       allow_python_layers=allow_python_layers or None)
             for note in net.load_weights(weights):
                 click.echo(f"note: {note}", err=True)
-            caffe_test(net, iterations, click.echo)
+            from caffe_compat.precision import inference_precision
+            with inference_precision(net, precision):
+                caffe_test(net, iterations, click.echo)

@@ -5,7 +5,7 @@ import click
 
 from caffe_compat.cli.main import friendly, main
 from caffe_compat.cli.options import (gpu_option, input_shape_option, parse_input_shapes, phase_option,
-                                      python_layers_option)
+                                      precision_option, python_layers_option)
 
 
 @main.command("time")
@@ -21,10 +21,11 @@ from caffe_compat.cli.options import (gpu_option, input_shape_option, parse_inpu
               help="Fold BatchNorm (+ Scale) into the preceding convolutions (inference only).")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay the forward as one CUDA graph (needs --gpu; forward only, no per-layer table).")
+@precision_option()
 @python_layers_option()
 @friendly
 def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_layer, channels_last,
-                 fuse_batchnorm, cuda_graph, allow_python_layers):
+                 fuse_batchnorm, cuda_graph, precision, allow_python_layers):
     """Benchmark forward/backward of MODEL, per layer and in total."""
     import torch
 
@@ -37,6 +38,8 @@ def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_la
     if cuda_graph and (gpu is None or gpu < 0):
         raise SchemaError("--cuda-graph needs --gpu ID (CUDA graphs run on a GPU)")
     device = resolve_device(gpu)
+    from caffe_compat.precision import check_precision, inference_precision
+    check_precision(precision, device)
     net = Net(model, weights=weights, phase=phase, input_shapes=shapes, device=device,
               allow_python_layers=allow_python_layers or None)
     if fuse_batchnorm:
@@ -47,9 +50,10 @@ def time_command(model, weights, iterations, phase, gpu, input_shapes, no_per_la
         net.channels_last()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     click.echo(f"Timing '{net.net_name}' ({net.phase}) on {card}, {iterations} iterations")
-    if cuda_graph:
-        report = time_cuda_graph(net, iterations)
-    else:
-        report = time_net(net, iterations, per_layer=not no_per_layer)
+    with inference_precision(net, precision):
+        if cuda_graph:
+            report = time_cuda_graph(net, iterations)
+        else:
+            report = time_net(net, iterations, per_layer=not no_per_layer)
     for line in report.lines():
         click.echo(line)

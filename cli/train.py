@@ -16,7 +16,8 @@ import sys
 import click
 
 from caffe_compat.cli.main import friendly, main, writes
-from caffe_compat.cli.options import SET_HELP, cfg_options, config_scope, extra_args, gpu_option
+from caffe_compat.cli.options import (SET_HELP, cfg_options, config_scope, extra_args, gpu_option,
+                                      precision_option)
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -82,11 +83,12 @@ def _report(result, what: str = "training") -> None:
 @click.option("--iters", "max_iters", type=click.IntRange(min=0), default=None,
               help="Iterations to train (default: the solver's max_iter; py-faster-rcnn: 40000).")
 @_common
+@precision_option()
 @click.pass_context
 @writes("output_dir")
 @friendly
 def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name,
-                  gpu, randomize, output_dir, fmt, progress):
+                  gpu, randomize, output_dir, fmt, progress, precision):
     """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
     from caffe_compat.device import resolve_device
     from caffe_compat.progress import setup_logging
@@ -111,11 +113,11 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
             result = train_from_solver(solver, imdb_name, pretrained_model=pretrained_model,
                                        resume=resume, max_iters=max_iters, device=device,
                                        formats=formats, randomize=randomize, output_dir=output_dir,
-                                       progress=progress)
+                                       progress=progress, precision=precision.lower())
         else:
             result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
                                  device=device, formats=formats, output_dir=output_dir,
-                                 progress=progress)
+                                 progress=progress, precision=precision.lower())
     _report(result)
     if result.signal:
         sys.exit(_EXIT_FOR_SIGNAL.get(result.signal, 1))

@@ -390,6 +390,32 @@ def cached_constants() -> List[Tensor]:
     return list(_DIVISORS.values())
 
 
+def _max_pool2d_no_indices(x: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                           rh: int, rw: int, OH: int, OW: int) -> Tensor:
+    """MAX pooling as a running ``torch.maximum`` over the window's strided views, rows
+    then columns (``kh + kw - 2`` elementwise ops), on the explicit Caffe geometry (pad
+    ``ph``/``pw`` before, ``rh``/``rw`` after; negative: cropped).
+
+    Why: on the CPU ``F.max_pool2d`` always computes the argmax indices (it is
+    ``max_pool2d_with_indices``), and its NCHW kernel is 10-20x slower than this at
+    batch 1; a max is exact, so the values are Caffe's bit for bit (NaN propagates, as in
+    ``F.max_pool2d``).  Forward only: ``torch.maximum`` splits the gradient on ties, Caffe
+    sends it to the first maximum, so the caller uses this only where no gradient flows.
+    Works in either memory layout (the views keep ``x``'s strides).
+    """
+    if ph or pw or rh > 0 or rw > 0:
+        x = F.pad(x, (pw, max(rw, 0), ph, max(rh, 0)), value=float("-inf"))
+    rows_end = (OH - 1) * sh + 1
+    y = x[:, :, 0:rows_end:sh, :]
+    for i in range(1, kh):
+        y = torch.maximum(y, x[:, :, i:i + rows_end:sh, :])
+    cols_end = (OW - 1) * sw + 1
+    z = y[:, :, :, 0:cols_end:sw]
+    for j in range(1, kw):
+        z = torch.maximum(z, y[:, :, :, j:j + cols_end:sw])
+    return z.clone() if z.data_ptr() == x.data_ptr() or kh == kw == 1 else z  # never a view of x
+
+
 def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence[int],
                  pad: Sequence[int], ceil: bool = True, *, return_mask: bool = False,
                  train: bool = False, generator: Optional[torch.Generator] = None,
@@ -428,6 +454,10 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
                     layer=layer)
 
     if method == MAX:
+        if not return_mask and not (torch.is_grad_enabled() and x.requires_grad) and x.device.type == "cpu":
+            y = _max_pool2d_no_indices(x, kh, kw, sh, sw, ph, pw, rh, rw, OH, OW)
+            empty = (OH - 1) * sh - ph >= H or (OW - 1) * sw - pw >= W
+            return (y.clamp_min(-FLT_MAX) if empty else y), None
         if fast:
             if return_mask:
                 y, idx = F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
@@ -601,6 +631,30 @@ class SPP(Layer):
 
 
 # ---------------------------------------------------------------------------- LRN
+def _lrn_across_no_grad(x: Tensor, n: int, pre: int, alpha: float, beta: float,
+                        k: float) -> Tensor:
+    """ACROSS_CHANNELS LRN where no gradient flows: the channel-window sum as ``n - 1``
+    in-place adds of channel-shifted views (in either memory layout: the avg_pool2d over
+    a reshaped map copies NHWC inputs, and was 5-10x slower), and ``scale ** -beta`` as
+    square roots for Caffe's usual betas (0.75, 0.5, 1).  Same numbers up to fp32
+    rounding (a few 1e-7 relative); the autograd path keeps the pooled form.
+    """
+    C = x.shape[1]
+    sq = F.pad(x * x, (0, 0, 0, 0, pre, pre))
+    s = sq[:, 0:C].clone()
+    for i in range(1, n):
+        s.add_(sq[:, i:i + C])
+    s.mul_(alpha / n).add_(k)
+    if beta == 0.75:
+        r = s.rsqrt_()
+        return x * r * r.sqrt()
+    if beta == 0.5:
+        return x * s.rsqrt_()
+    if beta == 1.0:
+        return x / s
+    return x * s.pow_(-beta)
+
+
 @register("LRN")
 class LRN(Layer):
     """Local response normalization.
@@ -631,6 +685,8 @@ class LRN(Layer):
         if x.dim() != 4:
             raise self.error(ShapeError, f"LRN needs a 4-D bottom, got {tuple(x.shape)}")
         n, pre = self.size, (self.size - 1) // 2
+        if self.region == 0 and not (torch.is_grad_enabled() and x.requires_grad):
+            return (_lrn_across_no_grad(x, n, pre, self.alpha, self.beta, self.k),)
         sq = x * x
         if self.region == 0:
             N, C, H, W = x.shape

@@ -56,7 +56,17 @@ def detect_image(net: Any, im, classes: Sequence[str], thresh: float, nms_thresh
     from caffe_compat.errors import ShapeError
     from caffe_compat.frcnn.test import im_detect
 
-    scores, boxes = im_detect(net, im)
+    return _detections(*im_detect(net, im), classes, thresh, nms_thresh)
+
+
+def _detections(scores, boxes, classes: Sequence[str], thresh: float, nms_thresh: float
+                ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, int, Any]], int]:
+    """:func:`detect_image`'s result from im_detect's ``(scores, boxes)``."""
+    import torch
+
+    from caffe_compat.boxes import nms
+    from caffe_compat.errors import ShapeError
+
     if scores.shape[1] != len(classes):
         raise ShapeError(f"the net scores {scores.shape[1]} classes but --classes names {len(classes)} "
                          f"(background included): {', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}")
@@ -92,9 +102,12 @@ def output_name(path: str, used: set) -> str:
 
 def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequence[str], *,
                   thresh: float = 0.8, nms_thresh: float = 0.3,
-                  sync: Optional[Callable[[], None]] = None) -> Iterator[ImageRecord]:
+                  sync: Optional[Callable[[], None]] = None, batch: int = 1,
+                  precision: str = "fp32") -> Iterator[ImageRecord]:
     """Detect, draw into ``out_dir`` and yield one record per image, as each finishes
-    (so a caller can show progress).  ``sync`` waits for the device before timing."""
+    (so a caller can show progress).  ``sync`` waits for the device before timing.
+    ``batch``: up to that many consecutive images of one resized shape per forward (the
+    same detections as batch 1); ``precision``: :mod:`caffe_compat.precision`'s modes."""
     from caffe_compat.atomic import check_output, refuse_overwriting_inputs
     from caffe_compat.errors import DataError
     from caffe_compat.frcnn.test import Timer, read_image
@@ -109,17 +122,30 @@ def detect_images(net: Any, images: Sequence[str], out_dir: str, classes: Sequen
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the output folder: {e}", where=out_dir) from None
-    for path, out_path in zip(images, out_paths):
-        im = read_image(path)
-        timer = Timer(sync)
-        timer.tic()
-        found, per_class, num_props = detect_image(net, im, classes, thresh, nms_thresh)
-        timer.toc()
-        drawn = draw_detections(im, per_class, thresh=thresh)
-        write_image(out_path, drawn)
-        yield {"image": os.path.abspath(path), "output": os.path.abspath(out_path),
-               "width": int(im.shape[1]), "height": int(im.shape[0]),
-               "num_proposals": num_props, "time_s": timer.diff, "detections": found}
+    from caffe_compat.frcnn.test import im_detect_batch
+    from caffe_compat.precision import inference_precision
+
+    step = max(1, int(batch))
+    with inference_precision(net, precision):
+        for first in range(0, len(images), step):
+            paths = images[first:first + step]
+            ims = [read_image(p) for p in paths]
+            timer = Timer(sync)
+            timer.tic()
+            if step == 1:
+                results = [detect_image(net, ims[0], classes, thresh, nms_thresh)]
+            else:   # same-shape images share a forward; time_s is the chunk's time per image
+                results = [_detections(sc, bx, classes, thresh, nms_thresh)
+                           for sc, bx in im_detect_batch(net, ims, step)]
+            timer.toc()
+            for path, out_path, im, (found, per_class, num_props) in zip(
+                    paths, out_paths[first:first + step], ims, results):
+                drawn = draw_detections(im, per_class, thresh=thresh)
+                write_image(out_path, drawn)
+                yield {"image": os.path.abspath(path), "output": os.path.abspath(out_path),
+                       "width": int(im.shape[1]), "height": int(im.shape[0]),
+                       "num_proposals": num_props, "time_s": timer.diff / len(paths),
+                       "detections": found}
 
 
 def write_detections_json(out_dir: str, records: Sequence[ImageRecord], *, model: str, weights: str,

@@ -38,7 +38,7 @@ from caffe_compat.frcnn.boxes import bbox_transform_inv, clip_boxes
 from caffe_compat.frcnn.config import ConfigError, cfg, get_output_dir
 
 __all__ = [
-    "Timer", "im_detect", "test_net", "apply_nms", "detections_per_class", "limit_per_image",
+    "Timer", "im_detect", "im_detect_batch", "test_net", "apply_nms", "detections_per_class", "limit_per_image",
     "save_detections", "load_detections", "read_image", "test_imdb", "format_ap",
 ]
 
@@ -214,6 +214,45 @@ def _check_inputs(net: Any, has_rpn: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- im_detect
+def _rpn_rois(outputs: Any, net: Any) -> Tensor:
+    """The proposal layer's ``rois`` top as R x 5 rows ``[batch, x1, y1, x2, y2]``."""
+    rois = _blob(outputs, net, "rois")
+    if rois is None:
+        raise GraphError("RPN net has no 'rois' blob (the proposal layer's top) after "
+                         f"forward; blobs: {_blob_names(outputs, net)}")
+    rois = _rows(rois)
+    if rois.shape[1] != 5:
+        raise ShapeError(f"'rois' must be R x 5 [batch, x1, y1, x2, y2], got {tuple(rois.shape)}")
+    return rois
+
+
+def _head_outputs(outputs: Any, net: Any, n_rois: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """The class scores (``cls_prob``, or ``cls_score`` with TEST.SVM) and, with TEST.BBOX_REG,
+    the box deltas (``bbox_pred``) of ``n_rois`` rois, as rows, checked against each other."""
+    c = cfg
+    score_name = "cls_score" if c.TEST.SVM else "cls_prob"
+    scores = _blob(outputs, net, score_name)
+    if scores is None:
+        raise GraphError(f"net has no '{score_name}' blob to read class scores from "
+                         f"({'TEST.SVM' if c.TEST.SVM else 'softmax probabilities'}); "
+                         f"blobs: {_blob_names(outputs, net)}")
+    scores = _rows(scores)
+    if scores.shape[0] != n_rois:
+        raise ShapeError(f"'{score_name}' has {scores.shape[0]} rows but there are {n_rois} rois")
+    if not c.TEST.BBOX_REG:
+        return scores, None
+    num_classes = scores.shape[1]
+    deltas = _blob(outputs, net, "bbox_pred")
+    if deltas is None:
+        raise GraphError("net has no 'bbox_pred' blob for box regression (set TEST.BBOX_REG "
+                         f"False to use the proposals as they are); blobs: {_blob_names(outputs, net)}")
+    deltas = _rows(deltas)
+    if tuple(deltas.shape) != (n_rois, 4 * num_classes):
+        raise ShapeError(f"'bbox_pred' must be ({n_rois}, {4 * num_classes}) "
+                         f"(4 deltas per class of '{score_name}'), got {tuple(deltas.shape)}")
+    return scores, deltas
+
+
 def im_detect(net: Any, im: np.ndarray, boxes: Optional[Any] = None) -> Tuple[Tensor, Tensor]:
     """Detect objects in a BGR image: ``(scores (R, K), pred_boxes (R, 4K))`` torch tensors.
 
@@ -258,37 +297,13 @@ def im_detect(net: Any, im: np.ndarray, boxes: Optional[Any] = None) -> Tuple[Te
         outputs = net.forward(**inputs)
 
         if has_rpn:
-            rois = _blob(outputs, net, "rois")
-            if rois is None:
-                raise GraphError("RPN net has no 'rois' blob (the proposal layer's top) after "
-                                 f"forward; blobs: {_blob_names(outputs, net)}")
-            rois = _rows(rois)
-            if rois.shape[1] != 5:
-                raise ShapeError(f"'rois' must be R x 5 [batch, x1, y1, x2, y2], got {tuple(rois.shape)}")
-            props = rois[:, 1:5] / float(scales_np[0])
+            props = _rpn_rois(outputs, net)[:, 1:5] / float(scales_np[0])
         assert props is not None
 
-        score_name = "cls_score" if c.TEST.SVM else "cls_prob"
-        scores = _blob(outputs, net, score_name)
-        if scores is None:
-            raise GraphError(f"net has no '{score_name}' blob to read class scores from "
-                             f"({'TEST.SVM' if c.TEST.SVM else 'softmax probabilities'}); "
-                             f"blobs: {_blob_names(outputs, net)}")
-        scores = _rows(scores)
-        if scores.shape[0] != props.shape[0]:
-            raise ShapeError(f"'{score_name}' has {scores.shape[0]} rows but there are "
-                             f"{props.shape[0]} rois")
+        scores, deltas = _head_outputs(outputs, net, int(props.shape[0]))
         num_classes = scores.shape[1]
 
-        if c.TEST.BBOX_REG:
-            deltas = _blob(outputs, net, "bbox_pred")
-            if deltas is None:
-                raise GraphError("net has no 'bbox_pred' blob for box regression (set TEST.BBOX_REG "
-                                 f"False to use the proposals as they are); blobs: {_blob_names(outputs, net)}")
-            deltas = _rows(deltas)
-            if tuple(deltas.shape) != (props.shape[0], 4 * num_classes):
-                raise ShapeError(f"'bbox_pred' must be ({props.shape[0]}, {4 * num_classes}) "
-                                 f"(4 deltas per class of '{score_name}'), got {tuple(deltas.shape)}")
+        if deltas is not None:
             pred_boxes = bbox_transform_inv(props, deltas)
             if pred_boxes.shape[0]:   # (clip_boxes cannot reshape an empty (0, 4K) tensor)
                 pred_boxes = clip_boxes(pred_boxes, (im.shape[0], im.shape[1]))
@@ -300,6 +315,90 @@ def im_detect(net: Any, im: np.ndarray, boxes: Optional[Any] = None) -> Tuple[Te
             scores = scores[inverse]
             pred_boxes = pred_boxes[inverse]
     return scores, pred_boxes
+
+
+def _batch_groups(shapes: Sequence[Tuple[int, ...]], batch: int) -> List[List[int]]:
+    """Indices of images to forward together: those of identical blob shape, at most
+    ``batch`` per group, in order of first appearance (a group of one is plain batch 1).
+
+    Only identical shapes batch: padding an image to a larger one would change the conv
+    features near its right and bottom borders (the zeros enter the receptive fields), so
+    its detections would differ from batch 1.
+    """
+    groups: List[List[int]] = []
+    open_group: Dict[Tuple[int, ...], List[int]] = {}
+    for i, shape in enumerate(shapes):
+        g = open_group.get(shape)
+        if g is None or len(g) >= batch:
+            g = []
+            groups.append(g)
+            open_group[shape] = g
+        g.append(i)
+    return groups
+
+
+def im_detect_batch(net: Any, ims: Sequence[np.ndarray], batch: Optional[int] = None
+                    ) -> List[Tuple[Tensor, Tensor]]:
+    """:func:`im_detect` on several images of an RPN net, several per forward.
+
+    Images whose resized blobs have the same shape go through the net together (at most
+    ``batch`` per forward, default all), ``im_info`` one row per image; the proposal
+    layer tags each roi with its image (``rois[:, 0]``), which splits the rows back.
+    Each image's ``(scores, boxes)`` equals :func:`im_detect`'s up to the kernels'
+    rounding for a larger batch (1e-5).  An image alone in its shape, and nets fed
+    precomputed proposals, go through :func:`im_detect` itself.
+    """
+    c = cfg
+    n = len(ims)
+    if n == 0:
+        return []
+    if not c.TEST.HAS_RPN:
+        raise ConfigError("im_detect_batch needs an RPN net (TEST.HAS_RPN); nets fed proposals "
+                          "take one image per forward (im_detect)")
+    _check_inputs(net, True)
+    if len(tuple(c.TEST.SCALES)) != 1:
+        raise ConfigError(f"RPN nets (TEST.HAS_RPN) test one image at one scale; TEST.SCALES has "
+                          f"{len(tuple(c.TEST.SCALES))}: {tuple(c.TEST.SCALES)}")
+    blobs = [_get_image_blob(im, c) for im in ims]
+    size = n if batch is None else max(1, int(batch))
+    results: List[Optional[Tuple[Tensor, Tensor]]] = [None] * n
+    for group in _batch_groups([tuple(b[0].shape) for b in blobs], size):
+        if len(group) == 1:
+            results[group[0]] = im_detect(net, ims[group[0]])
+            continue
+        for i, out in zip(group, _detect_group(net, [ims[i] for i in group],
+                                               [blobs[i] for i in group])):
+            results[i] = out
+    return [r for r in results if r is not None]
+
+
+def _detect_group(net: Any, ims: Sequence[np.ndarray], blobs: Sequence[Tuple[np.ndarray, np.ndarray]]
+                  ) -> List[Tuple[Tensor, Tensor]]:
+    """One forward of same-shape image blobs; per image ``(scores, boxes)`` as im_detect."""
+    device, dtype = _net_device(net), _net_dtype(net)
+    data_np = np.concatenate([b[0] for b in blobs], axis=0)
+    info_np = np.array([[data_np.shape[2], data_np.shape[3], b[1][0]] for b in blobs], dtype=np.float32)
+    with torch.no_grad():
+        outputs = net.forward(data=torch.as_tensor(data_np, device=device).to(dtype),
+                              im_info=torch.as_tensor(info_np, device=device).to(dtype))
+        rois = _rpn_rois(outputs, net)
+        all_scores, all_deltas = _head_outputs(outputs, net, int(rois.shape[0]))
+        num_classes = all_scores.shape[1]
+        index = rois[:, 0]
+        out: List[Tuple[Tensor, Tensor]] = []
+        for k, (im, (_, scales_np)) in enumerate(zip(ims, blobs)):
+            sel = torch.nonzero(index == k).reshape(-1)
+            props = rois[sel, 1:5] / float(scales_np[0])
+            scores = all_scores[sel]
+            if all_deltas is not None:
+                pred_boxes = bbox_transform_inv(props, all_deltas[sel])
+                if pred_boxes.shape[0]:
+                    pred_boxes = clip_boxes(pred_boxes, (im.shape[0], im.shape[1]))
+            else:
+                pred_boxes = props.to(torch.float32 if props.dtype == torch.float64 else props.dtype)
+                pred_boxes = pred_boxes.repeat(1, num_classes)
+            out.append((scores, pred_boxes))
+    return out
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -443,7 +542,8 @@ class _Named:
 def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05,
              vis: bool = False, output_dir: Optional[str] = None, *,
              log_fn: Optional[Callable[[str], None]] = None,
-             detect_fn: Optional[Detector] = None) -> Dict[str, Any]:
+             detect_fn: Optional[Detector] = None, batch: int = 1,
+             precision: str = "fp32") -> Dict[str, Any]:
     """Detect on every image of ``imdb`` and evaluate: ``{"ap": {class: AP}, "mAP": m, ...}``.
 
     Per image: :func:`im_detect` (on the imdb's non-ground-truth proposals unless
@@ -454,7 +554,24 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
     ``num_images``, ``all_boxes`` and average ``im_detect``/``misc`` times to what
     ``imdb.evaluate_detections`` returns.  Progress lines go to ``log_fn`` (default: this
     module's logger at INFO).
+
+    ``batch > 1`` (RPN nets): up to ``batch`` consecutive images of the same resized shape
+    share a forward (:func:`im_detect_batch`; the same detections as batch 1), and the
+    ``im_detect`` time shown is per image.  ``precision`` (:mod:`caffe_compat.precision`:
+    fp32, tf32, bf16, fp16) runs the forwards in that precision; fp32 is Caffe's numbers.
     """
+    from caffe_compat.precision import inference_precision
+
+    if int(batch) < 1:
+        raise ConfigError(f"batch must be at least 1, got {batch}")
+    with inference_precision(net, precision):
+        return _test_net(net, imdb, max_per_image, thresh, vis, output_dir, log_fn, detect_fn,
+                         int(batch))
+
+
+def _test_net(net: Any, imdb: Any, max_per_image: int, thresh: float, vis: bool,
+              output_dir: Optional[str], log_fn: Optional[Callable[[str], None]],
+              detect_fn: Optional[Detector], batch: int) -> Dict[str, Any]:
     emit = log_fn or log.info
     detect = detect_fn or im_detect
     c = cfg
@@ -470,37 +587,49 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
     timers = {"im_detect": Timer(sync), "misc": Timer(sync)}
     roidb = None if c.TEST.HAS_RPN else imdb.roidb
 
-    for i in range(num_images):
-        if roidb is None:
-            box_proposals = None
-        else:
-            entry = roidb[i]
-            # only proposals: ground-truth rows (class != 0) would make the test a cheat
-            box_proposals = entry["boxes"][entry["gt_classes"] == 0]
-        im = read_image(imdb.image_path_at(i))
-
+    batched = batch > 1 and roidb is None and detect_fn is None
+    step = batch if batched else 1
+    for first in range(0, num_images, step):
+        chunk = range(first, min(first + step, num_images))
+        ims = [read_image(imdb.image_path_at(i)) for i in chunk]
         timers["im_detect"].tic()
-        if box_proposals is not None and len(box_proposals) == 0:
-            scores = torch.zeros((0, num_classes))
-            boxes = torch.zeros((0, 4 * num_classes))
+        if batched:
+            found = im_detect_batch(net, ims, batch)
         else:
-            scores, boxes = detect(net, im, box_proposals)
+            found = []
+            for i, im in zip(chunk, ims):
+                if roidb is None:
+                    box_proposals = None
+                else:
+                    entry = roidb[i]
+                    # only proposals: ground-truth rows (class != 0) would make the test a cheat
+                    box_proposals = entry["boxes"][entry["gt_classes"] == 0]
+                if box_proposals is not None and len(box_proposals) == 0:
+                    found.append((torch.zeros((0, num_classes)), torch.zeros((0, 4 * num_classes))))
+                else:
+                    found.append(detect(net, im, box_proposals))
         timers["im_detect"].toc()
-        if scores.shape[1] != num_classes:
-            raise ShapeError(f"the net scores {scores.shape[1]} classes but {imdb.name} has "
-                             f"{num_classes} ({', '.join(imdb.classes)})")
+        if len(chunk) > 1:   # per-image time: one timed call counted as len(chunk) images
+            t = timers["im_detect"]
+            t.calls += len(chunk) - 1
+            t.average_time = t.total_time / t.calls
 
-        timers["misc"].tic()
-        per_class = detections_per_class(scores, boxes, thresh, float(c.TEST.NMS))
-        per_class = limit_per_image(per_class, max_per_image)
-        for j in range(1, num_classes):
-            all_boxes[j][i] = per_class[j]
-        timers["misc"].toc()
+        for i, im, (scores, boxes) in zip(chunk, ims, found):
+            if scores.shape[1] != num_classes:
+                raise ShapeError(f"the net scores {scores.shape[1]} classes but {imdb.name} has "
+                                 f"{num_classes} ({', '.join(imdb.classes)})")
 
-        if vis:
-            _write_vis(im, per_class, imdb, i, output_dir)
-        emit("im_detect: {:d}/{:d} {:.3f}s {:.3f}s".format(
-            i + 1, num_images, timers["im_detect"].average_time, timers["misc"].average_time))
+            timers["misc"].tic()
+            per_class = detections_per_class(scores, boxes, thresh, float(c.TEST.NMS))
+            per_class = limit_per_image(per_class, max_per_image)
+            for j in range(1, num_classes):
+                all_boxes[j][i] = per_class[j]
+            timers["misc"].toc()
+
+            if vis:
+                _write_vis(im, per_class, imdb, i, output_dir)
+            emit("im_detect: {:d}/{:d} {:.3f}s {:.3f}s".format(
+                i + 1, num_images, timers["im_detect"].average_time, timers["misc"].average_time))
 
     det_file = os.path.join(output_dir, "detections.npz")
     save_detections(det_file, all_boxes, imdb.classes, list(imdb.image_index))
@@ -544,7 +673,8 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
               max_per_image: int = 100, thresh: float = 0.05, vis: bool = False,
               output_dir: Optional[str] = None, rpn_file: Optional[str] = None,
               stages: Sequence[str] = (), level: Optional[int] = None,
-              allow_python_layers: Optional[bool] = None,
+              allow_python_layers: Optional[bool] = None, batch: int = 1,
+              precision: str = "fp32",
               log_fn: Callable[[str], None] = print,
               note_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """py-faster-rcnn's ``tools/test_net.py`` under the config in force: build the TEST net
@@ -552,8 +682,10 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
     ``rois``: precomputed proposals), then :func:`test_net` on ``imdb_name``."""
     from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.net import Net
+    from caffe_compat.precision import check_precision
 
     device = torch.device("cpu") if device is None else torch.device(device)
+    check_precision(precision, device)   # before the (slow) net build
     net = Net(model, phase="test", stages=stages, level=level, device=device,
               allow_python_layers=allow_python_layers)
     for note in net.load_weights(weights):
@@ -576,7 +708,7 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
     log_fn(f"Testing '{net.name}' on {imdb.name} ({imdb.num_images} images, "
            f"{'CPU' if device.type == 'cpu' else f'cuda:{device.index}'})")
     return test_net(net, imdb, max_per_image=max_per_image, thresh=thresh, vis=vis,
-                    output_dir=output_dir, log_fn=log_fn)
+                    output_dir=output_dir, log_fn=log_fn, batch=batch, precision=precision)
 
 
 def format_ap(v: Any) -> str:

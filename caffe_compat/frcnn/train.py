@@ -364,8 +364,11 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
               resume: Optional[str] = None, device: Any = None,
               formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
               progress: bool = True, progress_stream: Any = None, handle_signals: bool = True,
-              seed: Optional[int] = None, save_state: bool = True) -> TrainResult:
+              seed: Optional[int] = None, save_state: bool = True, precision: str = "fp32") -> TrainResult:
     """Train a Fast/Faster R-CNN net on ``roidb`` (py-faster-rcnn's ``train_net``).
+
+    ``precision``: fp32 (Caffe's numbers), tf32, bf16 or fp16 (AMP with loss scaling), see
+    :func:`caffe_compat.precision.install_training_precision`.
 
     ``resume``: a ``.solverstate`` written by an earlier run to continue from
     (``save_state=False`` writes none).
@@ -380,6 +383,10 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
     sw = SolverWrapper(solver_prototxt, roidb, output_dir, pretrained_model, device=device,
                        formats=formats, randomize=randomize, seed=seed, save_state=save_state)
     s = sw.solver
+    if precision != "fp32":
+        from caffe_compat.precision import install_training_precision
+
+        install_training_precision(s, precision)
     hooks = default_hooks(int(max_iters), output_dir, os.path.basename(s.prefix), resume=resume,
                           progress=progress, progress_stream=progress_stream,
                           handle_signals=handle_signals)
@@ -390,7 +397,7 @@ def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional
                       resume: Optional[str] = None, max_iters: Optional[int] = None,
                       device: Any = None, formats: Sequence[str] = ("caffemodel",),
                       randomize: bool = False, output_dir: Optional[str] = None,
-                      progress: bool = True) -> TrainResult:
+                      progress: bool = True, precision: str = "fp32") -> TrainResult:
     """py-faster-rcnn's ``tools/train_net.py`` under the config in force: seed from
     ``cfg.RNG_SEED`` (unless ``randomize``), the roidb of ``imdb_name``, the output folder
     (``get_output_dir(imdb)`` unless given) and ``max_iters`` (the solver's ``max_iter``,
@@ -410,4 +417,4 @@ def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional
     iters = max_iters if max_iters is not None else (load_solver_param(solver).max_iter or 40000)
     return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
                      resume=resume, device=device, formats=formats, randomize=randomize,
-                     progress=progress)
+                     progress=progress, precision=precision)

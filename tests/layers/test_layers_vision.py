@@ -183,7 +183,9 @@ def test_common_pooling_geometries_are_one_torch_op(monkeypatch):
         raise AssertionError("explicit padding used")
 
     monkeypatch.setattr(vision.F, "pad", no_pad)
-    x = torch.randn(1, 2, 55, 55)
+    # (with a gradient to keep: without one, MAX pooling takes the index-free path, which
+    # pads and is tested against this one in tests/core/test_inference_plan.py)
+    x = torch.randn(1, 2, 55, 55, requires_grad=True)
     for k, s, p in ((3, 2, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1), (2, 2, 1)):
         for m in (0, 1):
             caffe_pool2d(x, m, (k, k), (s, s), (p, p), True)

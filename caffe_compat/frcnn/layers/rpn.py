@@ -397,9 +397,12 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
 class ProposalLayer(_AnchorMixin, Layer):
     """Object proposals from RPN outputs.
 
-    Bottoms: ``rpn_cls_prob_reshape`` (1, 2A, H, W) (channels ``A:`` are the foreground
-    probabilities), ``rpn_bbox_pred`` (1, 4A, H, W), ``im_info`` (1, 3).  Tops: ``rois``
-    (R, 5) rows ``[0, x1, y1, x2, y2]`` and optionally ``scores`` (R, 1).
+    Bottoms: ``rpn_cls_prob_reshape`` (N, 2A, H, W) (channels ``A:`` are the foreground
+    probabilities), ``rpn_bbox_pred`` (N, 4A, H, W), ``im_info`` (N, 3).  Tops: ``rois``
+    (R, 5) rows ``[n, x1, y1, x2, y2]`` and optionally ``scores`` (R, 1).  The original
+    took one image; here each of N images gets exactly the one-image computation (its
+    own ``im_info`` row, NMS and top-N) and its rows, tagged with its batch index ``n``,
+    follow those of image ``n - 1`` (batch 1 is unchanged).
 
     With the cfg section of the net's phase (TRAIN or TEST): apply the deltas to the
     anchors, clip to the image, drop boxes whose ``+1`` width or height is below
@@ -422,16 +425,22 @@ class ProposalLayer(_AnchorMixin, Layer):
         self._check_shapes(bottom_shapes)
 
     def _check_shapes(self, shapes: Sequence[Shape]) -> None:
-        _check_single_image(self, shapes[0], "rpn_cls_prob_reshape")
-        _check_single_image(self, shapes[1], "rpn_bbox_pred")
+        for shape, what in ((shapes[0], "rpn_cls_prob_reshape"), (shapes[1], "rpn_bbox_pred")):
+            if len(shape) != 4:
+                raise self.error(ShapeError, f"{what} must be 4-D (N, C, H, W), got {tuple(shape)}")
+        n = int(shapes[0][0])
         A = self.num_anchors
         if shapes[0][1] != 2 * A:
             raise self.error(ShapeError, f"rpn_cls_prob_reshape must have 2A = {2 * A} channels "
                                          f"({A} anchors), got {tuple(shapes[0])}")
-        if tuple(shapes[1][1:]) != (4 * A,) + tuple(shapes[0][2:]):
-            raise self.error(ShapeError, f"rpn_bbox_pred must be (1, {4 * A}, "
+        if tuple(shapes[1]) != (n, 4 * A) + tuple(shapes[0][2:]):
+            raise self.error(ShapeError, f"rpn_bbox_pred must be ({n}, {4 * A}, "
                                          f"{shapes[0][2]}, {shapes[0][3]}), got {tuple(shapes[1])}")
-        _check_im_info(self, shapes[2])
+        if n == 1:
+            _check_im_info(self, shapes[2])
+        elif len(shapes[2]) < 2 or int(shapes[2][0]) != n or int(shapes[2][-1]) < 3:
+            raise self.error(ShapeError, f"im_info must be ({n}, 3) = one [height, width, scale] "
+                                         f"row per image, got {tuple(shapes[2])}")
 
     def infer_top_shapes(self, bottom_shapes: Sequence[Shape],
                          bottom_dtypes=None) -> List[Shape]:
@@ -445,6 +454,20 @@ class ProposalLayer(_AnchorMixin, Layer):
 
     def _forward(self, cls_prob: Tensor, bbox_pred: Tensor, im_info: Tensor) -> Tuple[Tensor, Tensor]:
         self._check_shapes([tuple(cls_prob.shape), tuple(bbox_pred.shape), tuple(im_info.shape)])
+        n = int(cls_prob.shape[0])
+        if n == 1:
+            return self._one_image(cls_prob, bbox_pred, im_info.reshape(-1)[:3], 0)
+        # several images (``im_detect_batch``): each one exactly as alone, its rows tagged
+        # with its batch index, as ROIPooling expects; per-image NMS needs no cross-talk
+        info = im_info.reshape(n, -1)
+        parts = [self._one_image(cls_prob[i:i + 1], bbox_pred[i:i + 1], info[i, :3], i)
+                 for i in range(n)]
+        return (torch.cat([r for r, _ in parts], dim=0).contiguous(),
+                torch.cat([s for _, s in parts], dim=0).contiguous())
+
+    def _one_image(self, cls_prob: Tensor, bbox_pred: Tensor, im_info: Tensor,
+                   index: int) -> Tuple[Tensor, Tensor]:
+        """Proposals of one image ``(1, ., H, W)``; rows ``[index, x1, y1, x2, y2]``."""
         c = self.opts
         pre_n, post_n = c.pre_nms_top_n, c.post_nms_top_n
         A = self.num_anchors
@@ -454,7 +477,7 @@ class ProposalLayer(_AnchorMixin, Layer):
         # (1, A, H, W) / (1, 4A, H, W) -> rows in (h, w, a) order, matching the anchors
         scores = cls_prob[:, A:].permute(0, 2, 3, 1).reshape(-1).to(dtype)
         deltas = bbox_pred.permute(0, 2, 3, 1).reshape(-1, 4)
-        info = im_info.reshape(-1)[:3].to(dtype)
+        info = im_info.to(dtype)
 
         proposals = bbox_transform_inv(anchors, deltas)
         proposals = clip_boxes(proposals, info[:2])
@@ -470,7 +493,9 @@ class ProposalLayer(_AnchorMixin, Layer):
         if post_n > 0:
             keep = keep[:post_n]
         proposals, scores = proposals[keep], scores[keep]
-        rois = torch.cat([torch.zeros_like(proposals[:, :1]), proposals], dim=1)
+        first = torch.full_like(proposals[:, :1], float(index)) if index else \
+            torch.zeros_like(proposals[:, :1])
+        rois = torch.cat([first, proposals], dim=1)
         return rois.contiguous(), scores[:, None].contiguous()
 
 
