@@ -202,8 +202,8 @@ def install_training_precision(solver: Any, mode: str, *, scaler: Any = None) ->
     backward follows the dtypes autocast chose), and for ``fp16`` (or a given ``scaler``)
     the loss scaled before backward, the gradients unscaled before the Caffe update, which
     is skipped for an iteration whose gradients are not finite (the scale then shrinks).
-    Returns the ``GradScaler`` in use, or None.  The solver's ``_forward_backward`` and
-    ``apply_update`` are replaced on the instance (a solver-level hook would be cleaner).
+    Returns the ``GradScaler`` in use, or None.  Sets the solver's ``autocast_dtype`` and
+    ``grad_scaler``, which its ForwardBackward and update read.
     """
     net = solver.net
     device = _net_device(net)
@@ -221,37 +221,7 @@ def install_training_precision(solver: Any, mode: str, *, scaler: Any = None) ->
         for n in [net] + list(getattr(solver, "test_nets", []) or []):
             keep_fp32_layers(n)
 
-    def forward_backward(iteration: int, pass_index: int) -> Optional[torch.Tensor]:
-        inputs = solver._feed_inputs(iteration, pass_index)
-        if dtype is None:
-            solver.net.forward(**inputs)
-        else:
-            with torch.autocast(device.type, dtype=dtype):
-                solver.net.forward(**inputs)
-        loss = solver.net.loss
-        if loss is None:
-            return None
-        if loss.requires_grad:
-            with solver.net.precision():
-                (loss if scaler is None else scaler.scale(loss.float())).backward()
-        return loss.detach().float()
-
-    solver._forward_backward = forward_backward
-    if scaler is not None:
-        update = solver.apply_update
-        opt = SolverOptimizer(solver, update)
-
-        def apply_update(display: bool = False) -> float:
-            opt.display, opt.rate = display, None
-            scaler.unscale_(opt)
-            scaler.step(opt)
-            scaler.update()
-            if opt.rate is None:   # skipped: gradients overflowed at this scale
-                solver.skipped_iterations += 1
-                return float(solver.last_lr or 0.0)
-            return opt.rate
-
-        solver.apply_update = apply_update
+    solver.autocast_dtype = dtype
     solver.grad_scaler = scaler
     solver.skipped_iterations = 0
     return scaler

@@ -196,6 +196,12 @@ class Solver:
         self._losses: List[float] = []
         self.smoothed_loss: float = 0.0
         self.last_lr: Optional[float] = None
+        #: mixed precision (set by caffe_compat.precision.install_training_precision): forwards
+        #: under autocast to this dtype, and a torch.amp.GradScaler scaling the loss and driving
+        #: the update (iterations whose gradients overflow are skipped and counted)
+        self.autocast_dtype: Optional[torch.dtype] = None
+        self.grad_scaler: Any = None
+        self.skipped_iterations = 0
         #: (role, path) of every file read: weights, restored states (snapshots spare them)
         self.input_files: List[Tuple[str, str]] = []
         # Caffe seeds its global RNG before building the nets
@@ -408,14 +414,19 @@ class Solver:
 
     def _forward_backward(self, iteration: int, pass_index: int) -> Optional[Tensor]:
         """One Caffe ``ForwardBackward``: returns the loss tensor (detached) or None."""
-        self.net.forward(**self._feed_inputs(iteration, pass_index))
+        inputs = self._feed_inputs(iteration, pass_index)
+        if self.autocast_dtype is None:
+            self.net.forward(**inputs)
+        else:
+            with torch.autocast(self.net.device.type, dtype=self.autocast_dtype):
+                self.net.forward(**inputs)
         loss = self.net.loss
         if loss is None:
             return None
         if loss.requires_grad:
             with self.net.precision():
-                loss.backward()
-        return loss.detach()
+                (loss if self.grad_scaler is None else self.grad_scaler.scale(loss.float())).backward()
+        return loss.detach() if self.autocast_dtype is None else loss.detach().float()
 
     def _nonfinite_loss_top(self) -> Optional[str]:
         for e in self.net.entries:
@@ -497,7 +508,7 @@ class Solver:
                 log.info("Iteration %d, loss = %s", self.iter, _g(self.smoothed_loss))
                 outputs = self._output_values(self.net)
                 self._display_outputs(self.net, outputs, "Train")
-            rate = self.apply_update(display=display)
+            rate = self.apply_update(display) if self.grad_scaler is None else self._scaled_update(display)
             self.iter += 1
             info = IterationInfo(self.iter, loss_val, self.smoothed_loss, rate, self.max_iter, outputs)
             for cb in self._callbacks["iteration"]:
@@ -511,6 +522,22 @@ class Solver:
                 self._stop_requested = False
                 self.requested_early_exit = True
                 break
+
+    def _scaled_update(self, display: bool) -> float:
+        """The update driven by ``grad_scaler``: gradients unscaled, then Caffe's update, or
+        nothing when they overflowed at this scale (the scale then shrinks)."""
+        from caffe_compat.precision import SolverOptimizer
+
+        opt = SolverOptimizer(self, self.apply_update)
+        opt.display = display
+        scaler = self.grad_scaler
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        if opt.rate is None:
+            self.skipped_iterations += 1
+            return float(self.last_lr or 0.0)
+        return opt.rate
 
     def apply_update(self, display: bool = False) -> float:
         """Caffe's ``ApplyUpdate`` on the accumulated gradients; returns the rate used."""

@@ -481,47 +481,19 @@ def test_net_finds_module_beside_prototxt(tmp_path, monkeypatch):
 
 
 # ============================================================================ Caffe's behaviours
-RAISING = textwrap.dedent("""
-    import caffe
-
-    KINDS = {"RuntimeError": RuntimeError, "ValueError": ValueError, "KeyError": KeyError}
-
-    class Raising(caffe.Layer):
-        '''param_str "METHOD:EXCEPTION": raise EXCEPTION from METHOD.'''
-
-        def _maybe(self, where):
-            method, kind = self.param_str.split(":")
-            if method == where:
-                raise KINDS[kind]("raised in " + where)
-
-        def setup(self, bottom, top):
-            self._maybe("setup")
-
-        def reshape(self, bottom, top):
-            self._maybe("reshape")
-            top[0].reshape(*bottom[0].data.shape)
-
-        def forward(self, bottom, top):
-            self._maybe("forward")
-            top[0].data[...] = bottom[0].data
-
-        def backward(self, top, propagate_down, bottom):
-            self._maybe("backward")
-            bottom[0].diff[...] = top[0].diff
-""")
 
 RAISING_NET = """force_backward: true
 layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
 layer { name: "boom" type: "Python" bottom: "x" top: "y" loss_weight: 1
-        python_param { module: "cc_raising" layer: "Raising" param_str: "%s" } }
+        python_param { module: "pcb_layers" layer: "Raising" param_str: "%s" } }
 """
 
 
 @pytest.fixture
 def raising_net(tmp_path, monkeypatch):
-    """A prototxt whose Python layer 'boom' (line 3) raises what param_str says."""
-    (tmp_path / "cc_raising.py").write_text(RAISING)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    """A prototxt whose Python layer 'boom' (line 3) raises what param_str says
+    (pcb_layers.Raising, also run by real Caffe in tests/data/pycaffe_scripts/)."""
+    monkeypatch.syspath_prepend(str(PYLAYERS))
 
     def make(param_str: str) -> pathlib.Path:
         path = tmp_path / f"{param_str.replace(':', '_')}.prototxt"
@@ -529,7 +501,7 @@ def raising_net(tmp_path, monkeypatch):
         return path
 
     yield make
-    sys.modules.pop("cc_raising", None)
+    sys.modules.pop("pcb_layers", None)
 
 
 @pytest.mark.parametrize("method,kind", [("setup", RuntimeError), ("reshape", ValueError),
@@ -554,7 +526,7 @@ def test_pycaffe_python_layer_exception_reaches_the_script(raising_net, method, 
         caught = e
     assert type(caught) is kind and not isinstance(caught, PythonLayerError)
     assert str(caught) in (f"raised in {method}", repr(f"raised in {method}"))
-    assert caught.__notes__ == [f"in Python layer 'boom' (cc_raising.Raising.{method}) defined at {path}:3"]
+    assert caught.__notes__ == [f"in Python layer 'boom' (pcb_layers.Raising.{method}) defined at {path}:3"]
     assert python_layer_note(caught) == caught.__notes__[0]
     assert python_layer_note(ValueError("not from a layer")) is None
 
@@ -567,7 +539,7 @@ def test_core_net_python_layer_exception_keeps_its_type(raising_net, method, kin
     with pytest.raises(kind) as ei:
         net.forward(x=torch.ones(2, 3, requires_grad=True))
         net.backward()
-    assert ei.value.__notes__ == [f"in Python layer 'boom' (cc_raising.Raising.{method}) defined at {path}:3"]
+    assert ei.value.__notes__ == [f"in Python layer 'boom' (pcb_layers.Raising.{method}) defined at {path}:3"]
 
 
 STATEFUL = textwrap.dedent("""
@@ -643,4 +615,4 @@ def test_cli_reports_a_python_layer_exception_as_the_users_error(raising_net):
     assert r.exit_code == 1, r.output
     assert "internal error" not in r.stderr and "Traceback" not in r.output
     assert r.stderr.strip() == (f"error: ValueError: raised in setup (in Python layer 'boom' "
-                                f"(cc_raising.Raising.setup) defined at {path}:3)")
+                                f"(pcb_layers.Raising.setup) defined at {path}:3)")
