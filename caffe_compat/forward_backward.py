@@ -190,6 +190,7 @@ def forward_from_to(net: "Net", start: int, end: int) -> Optional[Tensor]:
         if m is None:
             raise DataError(f"layer cannot run: {net.entries[s.entry].unbuilt_reason}", layer=s.name)
         outs = _feed_tops(net, s) if m.accepts_feed else _run_layer(net, i, s)
+        net.checks.settle()  # layer by layer: each layer's checks before the next reads its tops
         for t, o, w in zip(s.tops, outs, s.loss_weights):
             net.blobs[t] = o.detach()
             if w:

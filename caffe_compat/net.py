@@ -29,6 +29,7 @@ from caffe_compat.forward_backward import LayerRef, Record, backward_from_to, fo
 from caffe_compat.fuse import fold_batchnorm_into_conv
 from caffe_compat import inference_plan
 from caffe_compat.insert_splits import Step, insert_splits, mark_need_backward
+from caffe_compat.host_sync import DeferredChecks
 from caffe_compat.io import read_net_text
 from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
@@ -240,6 +241,11 @@ class Net(nn.Module):
             if located is e:
                 raise
             raise located from None
+        #: layers' validity checks, settled once at the end of a forward on an accelerator
+        self.checks = DeferredChecks()
+        for e in self.entries:
+            if e.module is not None:
+                e.module.checks = self.checks
         unknown = [k for k in self._input_overrides if k not in self.input_names]
         if unknown:  # after the build: only then are the net's inputs known
             shown = ", ".join(repr(k[:80]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -645,6 +651,7 @@ class Net(nn.Module):
         self.feed(**inputs)
         self._records.clear()
         self._layerwise = False
+        self.checks.clear()
         blobs: Dict[str, Tensor] = {}
         loss: Optional[Tensor] = None
         plan = inference_plan.plan_for(self) if inference_plan.applies(self) else None
@@ -679,6 +686,7 @@ class Net(nn.Module):
                 if w:
                     term = o.sum() * w if w != 1.0 else o.sum()
                     loss = term if loss is None else loss + term
+        self.checks.settle()
         self.blobs = OrderedDict((n, blobs[n]) for n in self.blob_names if n in blobs)
         for n, t in self.blobs.items():
             self.blob_shapes[n] = tuple(t.shape)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from caffe_compat.errors import GraphError, SchemaError, ShapeError
 from caffe_compat.fillers import fill
+from caffe_compat.host_sync import DeferredChecks, check_now_or_later
 from caffe_compat.limits import check_shape
 
 Shape = Tuple[int, ...]
@@ -93,6 +94,9 @@ class Layer(nn.Module):
     #: Caffe's Backward reads state the layer kept since its forward (a Python layer's own
     #: ``backward``): layer-by-layer backward calls ``caffe_backward`` instead of autograd
     backward_on_blobs: bool = False
+    #: the net's :class:`~caffe_compat.host_sync.DeferredChecks` (set by the net; None for a
+    #: layer run on its own, whose checks then run at once)
+    checks: Optional[DeferredChecks] = None
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):
         super().__init__()
@@ -136,6 +140,12 @@ class Layer(nn.Module):
     def error(self, cls, message: str):
         """An error of ``cls`` naming this layer (raise it)."""
         return cls(message, layer=self.name)
+
+    def check_later(self, bad: Tensor, fail: Callable[[], None]) -> None:
+        """Raise ``fail()`` if the 0-d bool ``bad`` holds, without stalling an accelerator:
+        at once on the CPU, else when the net settles its checks at the end of the forward
+        (compute on clamped values meanwhile).  See :class:`~caffe_compat.host_sync.DeferredChecks`."""
+        check_now_or_later(self.checks, bad, fail)
 
     def declare(self, shape: Sequence[int], *, what: str, key: Optional[tuple] = None) -> int:
         """Charge a tensor of ``shape`` this layer is about to allocate to the net's budget

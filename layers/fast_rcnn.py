@@ -33,10 +33,12 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from caffe_compat.errors import SchemaError, ShapeError
+from caffe_compat.host_sync import DeferredChecks, check_now_or_later
 from caffe_compat.layers.base import Layer, Shape
 from caffe_compat.layers.registry import register
 
@@ -111,16 +113,27 @@ def _bins(start: Tensor, end: Tensor, pooled: int, limit: int, dt: torch.dtype) 
     return lo.clamp(0, limit), hi.clamp(0, limit)
 
 
-def _check_rois(rois: Tensor, batch: int, *, layer: str = "") -> None:
-    """The fork CHECKs ``0 <= batch index < N``; also refuse non-finite ROIs (UB in C)."""
+def _check_rois(rois: Tensor, batch: int, *, layer: str = "",
+                checks: Optional[DeferredChecks] = None) -> Tensor:
+    """The fork CHECKs ``0 <= batch index < N``; also refuse non-finite ROIs (UB in C).
+
+    Returns ROIs safe to index with: on an accelerator (``checks`` given) the check is
+    settled at the end of the net's forward and bad rows are zeroed meanwhile.
+    """
     if rois.numel() == 0 or rois.device.type == "meta":
-        return
+        return rois
     b = rois[:, 0].detach().to(torch.int64)
     bad = (b < 0) | (b >= batch) | ~torch.isfinite(rois.detach()).all(dim=1)
-    if bool(bad.any()):
+
+    def fail() -> None:
         i = int(torch.nonzero(bad)[0, 0])
         raise ShapeError(f"ROI {i} = {rois[i].tolist()} is invalid: the batch index must be in "
                          f"[0, {batch}) and coordinates finite", layer=layer)
+
+    check_now_or_later(checks, bad.any(), fail)
+    if checks is None or (rois.device.type == "cpu" and not checks.defer_on_cpu):
+        return rois
+    return torch.where(bad[:, None], torch.zeros_like(rois), rois)
 
 
 # ---------------------------------------------------------------------------- forward
@@ -288,8 +301,7 @@ class ROILayer(Layer):
         """The ROIs as (R, 5), after the shape checks and the batch-index check."""
         self._check(tuple(x.shape), tuple(rois.shape))
         rois2 = rois.reshape(rois.shape[0], 5)
-        _check_rois(rois2, x.shape[0], layer=self.name)
-        return rois2
+        return _check_rois(rois2, x.shape[0], layer=self.name, checks=self.checks)
 
 
 @register("ROIPooling")
@@ -337,7 +349,8 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, inside: Optional[Tensor] = None
     as the fork does.  Gradients reach ``pred`` and ``target`` (negated); the weights get
     none (the fork never writes their diffs), so they are detached.
     """
-    sigma2 = float(torch.tensor(sigma, dtype=torch.float32) ** 2)
+    s32 = np.float32(sigma)
+    sigma2 = float(s32 * s32)  # squared in float, as the fork (host arithmetic: no device round trip)
     thr = 1.0 / sigma2 if sigma2 > 0 else math.inf
     num = pred.shape[0] if pred.dim() else 1
     x = pred - target.reshape(pred.shape)

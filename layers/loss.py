@@ -76,15 +76,25 @@ def _check_mode(layer: Layer, mode: int) -> int:
     return mode
 
 
-def _check_label_range(layer: Layer, lab: Tensor, valid: Tensor, num_classes: int) -> None:
-    """Caffe only DCHECKs label ranges (then reads out of bounds); refuse clearly instead."""
+def _check_label_range(layer: Layer, lab: Tensor, valid: Tensor, num_classes: int) -> Tensor:
+    """Caffe only DCHECKs label ranges (then reads out of bounds); refuse clearly instead.
+
+    Returns labels safe to index with (on an accelerator the check settles at the end of
+    the net's forward; out-of-range labels read class 0 meanwhile).
+    """
     if lab.numel() == 0 or lab.device.type == "meta":
-        return
+        return lab
     bad = ((lab < 0) | (lab >= num_classes)) & valid
-    if bool(bad.any()):
+
+    def fail() -> None:
         v = int(lab[bad].flatten()[0])
         raise layer.error(DataError, f"label value {v} out of range [0, {num_classes}) "
                           "(set loss_param.ignore_label to skip it)")
+
+    layer.check_later(bad.any(), fail)
+    if layer.checks is None or (lab.device.type == "cpu" and not layer.checks.defer_on_cpu):
+        return lab
+    return torch.where(bad, torch.zeros_like(lab), lab)
 
 
 class _LossBase(Layer):
@@ -199,7 +209,7 @@ class SoftmaxWithLoss(_LossBase):
         x3 = x.reshape(outer, c, inner)
         lab = _as_labels(label).reshape(outer, inner)
         valid = lab != self.ignore_label if self.has_ignore else torch.ones_like(lab, dtype=torch.bool)
-        _check_label_range(self, lab, valid, c)
+        lab = _check_label_range(self, lab, valid, c)
         loss, prob = _SoftmaxLossFn.apply(x3, lab, valid, self.normalization)
         if len(self.top_names) >= 2:
             return loss, prob.reshape(x.shape)
@@ -298,7 +308,7 @@ class HingeLoss(_LossBase):
         n = int(x.shape[0])
         x2 = x.reshape(n, -1)
         lab = _as_labels(label).reshape(-1)[:n]
-        _check_label_range(self, lab, torch.ones_like(lab, dtype=torch.bool), x2.shape[1])
+        lab = _check_label_range(self, lab, torch.ones_like(lab, dtype=torch.bool), x2.shape[1])
         # sign +1 everywhere except -1 at the true class; relu's zero gradient at the kink
         # equals Caffe's sign(0) = 0.
         sign = torch.ones_like(x2).scatter(1, lab.unsqueeze(1), -1.0)
@@ -429,7 +439,7 @@ class InfogainLoss(_LossBase):
         x3 = x.reshape(outer, c, inner)
         lab = _as_labels(label).reshape(outer, inner)
         valid = lab != self.ignore_label if self.has_ignore else torch.ones_like(lab, dtype=torch.bool)
-        _check_label_range(self, lab, valid, c)
+        lab = _check_label_range(self, lab, valid, c)
         loss, prob = _InfogainFn.apply(x3, lab, valid, H.reshape(c, c), self.normalization)
         if len(self.top_names) >= 2:
             return loss, prob.reshape(x.shape)
@@ -547,7 +557,7 @@ class MultinomialLogisticLoss(_LossBase):
         n = int(p.shape[0])
         p2 = p.reshape(n, -1)
         lab = _as_labels(label).reshape(n)
-        _check_label_range(self, lab, torch.ones_like(lab, dtype=torch.bool), p2.shape[1])
+        lab = _check_label_range(self, lab, torch.ones_like(lab, dtype=torch.bool), p2.shape[1])
         return (_MultinomialLogisticFn.apply(p2, lab).reshape(()),)
 
 
@@ -598,7 +608,7 @@ class Accuracy(Layer):
         x3 = x.reshape(outer, c, inner)
         lab = _as_labels(label).reshape(outer, inner)
         valid = lab != self.ignore_label if self.has_ignore else torch.ones_like(lab, dtype=torch.bool)
-        _check_label_range(self, lab, valid, c)
+        lab = _check_label_range(self, lab, valid, c)
         safe = torch.where(valid, lab, torch.zeros_like(lab))
         true_score = x3.gather(1, safe.unsqueeze(1))
         better = (x3 >= true_score).sum(1) - 1  # the true class itself is counted once

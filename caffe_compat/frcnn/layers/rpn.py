@@ -34,6 +34,7 @@ from caffe_compat.errors import DataError, SchemaError, ShapeError, shorten
 from caffe_compat.frcnn.boxes import (bbox_transform, bbox_transform_inv, clip_boxes, filter_boxes,
                                       generate_anchors, shifted_anchors)
 from caffe_compat.frcnn.config import AttrDict, build_cfg, parse_param_str
+from caffe_compat.host_sync import DeviceConstants
 from caffe_compat.layers.base import Layer, Shape
 from caffe_compat.layers.registry import register_python
 
@@ -109,6 +110,8 @@ class _Sampler:
         self.generator: Optional[torch.Generator] = None
         self._seed: Optional[int] = None
         self._generators: Dict[str, torch.Generator] = {}
+        #: the config's weights/means/stds as device tensors, made once per device
+        self.constants = DeviceConstants()
 
     def seed(self, seed: int) -> None:
         """Give this layer its own random stream, starting from ``seed``."""
@@ -146,12 +149,13 @@ class _Sampler:
         rank[order] = torch.arange(n, device=mask.device)
         return mask & (rank < k)
 
-    def _random_order(self, mask: Tensor) -> Tensor:
-        """Indices of ``mask``'s True entries, in uniformly random order."""
+    def _random_order(self, mask: Tensor, count: Optional[int] = None) -> Tensor:
+        """Indices of ``mask``'s True entries (``count`` of them, if the caller read it
+        already), in uniformly random order."""
         keys = torch.where(mask, self._uniform(mask.shape[0], mask.device),
                            torch.full_like(mask, 2.0, dtype=torch.float64))
         order = torch.argsort(keys)
-        return order[: int(mask.sum())]
+        return order[: int(mask.sum()) if count is None else count]
 
 
 def _check_single_image(layer: Layer, shape: Sequence[int], what: str) -> None:
@@ -360,7 +364,7 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
         # subsample: at most num_fg positives, then fill the batch with negatives
         num_fg = int(c.fg_fraction * c.batch_size)
         fg = labels == 1
-        keep_fg = self._random_subset(fg, torch.tensor(num_fg, device=dev))
+        keep_fg = self._random_subset(fg, num_fg)
         labels = torch.where(fg & ~keep_fg, -one, labels)
         num_bg = (c.batch_size - (labels == 1).sum()).clamp(min=0)
         bg = labels == 0
@@ -369,7 +373,7 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
 
         fg = labels == 1
         bg = labels == 0
-        inside_w = torch.tensor(c.bbox_inside_weights, dtype=torch.float64, device=dev)
+        inside_w = self.constants.get(c.bbox_inside_weights, torch.float64, dev)
         zeros4 = torch.zeros((n, 4), dtype=torch.float64, device=dev)
         bbox_inside = torch.where(fg[:, None], inside_w.expand(n, 4), zeros4)
         p = c.positive_weight
@@ -482,6 +486,8 @@ class ProposalLayer(_AnchorMixin, Layer):
         proposals = bbox_transform_inv(anchors, deltas)
         proposals = clip_boxes(proposals, info[:2])
         keep = filter_boxes(proposals, c.min_size * info[2])
+        if keep.dtype == torch.bool:  # one nonzero for both (each mask index is a host read)
+            keep = keep.nonzero().squeeze(1)
         proposals, scores = proposals[keep], scores[keep]
 
         order = torch.sort(scores, descending=True, stable=True).indices
@@ -557,9 +563,12 @@ class ProposalTargetLayer(_Sampler, Layer):
         gt = gt.to(dtype)
         gt_rois = torch.cat([torch.zeros((g, 1), dtype=dtype, device=dev), gt[:, :4]], dim=1)
         all_rois = torch.cat([rpn_rois, gt_rois], dim=0)
-        if bool((all_rois[:, 0] != 0).any()):
+
+        def several_images() -> None:
             raise self.error(DataError, "only single-image batches are supported: every rpn_rois "
                                         "row must have batch index 0")
+
+        self.check_later((all_rois[:, 0] != 0).any(), several_images)
         n = all_rois.shape[0]
 
         rois_per_image = c.batch_size // 1   # one image
@@ -577,26 +586,33 @@ class ProposalTargetLayer(_Sampler, Layer):
 
         fg = max_ov >= c.fg_thresh
         bg = (max_ov < c.bg_thresh_hi) & (max_ov >= c.bg_thresh_lo)
-        fg_inds = self._random_order(fg)
-        fg_inds = fg_inds[: int(min(fg_per_image, fg_inds.shape[0]))]
+        # the sample's size is data-dependent: the one host read this layer needs
+        n_fg_all, n_bg_all = (int(v) for v in torch.stack([fg.sum(), bg.sum()]).tolist())
+        fg_inds = self._random_order(fg, n_fg_all)
+        fg_inds = fg_inds[: int(min(fg_per_image, n_fg_all))]
         n_fg = int(fg_inds.shape[0])
-        bg_inds = self._random_order(bg)
-        bg_inds = bg_inds[: int(max(0, min(rois_per_image - n_fg, bg_inds.shape[0])))]
+        bg_inds = self._random_order(bg, n_bg_all)
+        bg_inds = bg_inds[: int(max(0, min(rois_per_image - n_fg, n_bg_all)))]
         keep = torch.cat([fg_inds, bg_inds])
 
         labels = labels[keep].clone()
         labels[n_fg:] = 0
         rois = all_rois[keep]
         cls = labels.to(torch.long)
-        if bool(((labels != cls.to(dtype)) | (cls < 0) | (cls >= K)).any()):
+        bad_cls = (labels != cls.to(dtype)) | (cls < 0) | (cls >= K)
+
+        def bad_classes() -> None:
             raise self.error(DataError, f"gt_boxes classes must be integers in [0, {K - 1}] "
                                         f"(num_classes {K}); got {labels.unique().tolist()}")
+
+        self.check_later(bad_cls.any(), bad_classes)
+        cls = torch.where(bad_cls, torch.zeros_like(cls), cls)   # safe until the check settles
         m = rois.shape[0]
         if g > 0:
             targets = bbox_transform(rois[:, 1:5], gt[assignment[keep], :4])   # bottoms' dtype
             if c.normalize is not None:
-                means = torch.tensor(c.normalize[0], dtype=torch.float64, device=dev)
-                stds = torch.tensor(c.normalize[1], dtype=torch.float64, device=dev)
+                means = self.constants.get(c.normalize[0], torch.float64, dev)
+                stds = self.constants.get(c.normalize[1], torch.float64, dev)
                 targets = (targets.to(torch.float64) - means) / stds
             targets = targets.to(dtype)
         else:
@@ -606,7 +622,7 @@ class ProposalTargetLayer(_Sampler, Layer):
         onehot = (torch.arange(K, device=dev)[None, :] == cls[:, None]) & (cls[:, None] > 0)
         zeros = torch.zeros((m, K, 4), dtype=dtype, device=dev)
         bbox_targets = torch.where(onehot[..., None], targets[:, None, :], zeros).reshape(m, 4 * K)
-        inside_w = torch.tensor(c.bbox_inside_weights, dtype=dtype, device=dev)
+        inside_w = self.constants.get(c.bbox_inside_weights, dtype, dev)
         bbox_inside = torch.where(onehot[..., None], inside_w.expand(m, K, 4), zeros).reshape(m, 4 * K)
         bbox_outside = (bbox_inside > 0).to(dtype)
         return (rois.contiguous(), labels.contiguous(), bbox_targets.contiguous(),
