@@ -15,7 +15,7 @@ naming the reason, and such nets keep running eagerly.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,14 +23,15 @@ from torch import Tensor
 
 from caffe_compat.errors import GraphError, ShapeError
 
-__all__ = ["CudaGraphNet"]
+__all__ = ["CudaGraphNet", "TrunkGraphs", "host_free_prefix"]
 
 
 class CudaGraphNet:
     """``CudaGraphNet(net, data=example)``: a captured forward of ``net`` (on CUDA) for the
-    example inputs' shapes; call it with new inputs of those shapes."""
+    example inputs' shapes; call it with new inputs of those shapes.  ``end``: capture only
+    Caffe's ``ForwardFromTo(0, end)`` (the layers up to and including ``end``)."""
 
-    def __init__(self, net, warmup: int = 3, **example_inputs) -> None:
+    def __init__(self, net, warmup: int = 3, *, end: Optional[str] = None, **example_inputs) -> None:
         if not torch.cuda.is_available():
             raise GraphError("CUDA graphs need a CUDA device; none is available")
         has_state = any(True for _ in net.parameters()) or any(True for _ in net.buffers())
@@ -51,14 +52,16 @@ class CudaGraphNet:
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad(), torch.cuda.stream(side):
-            net.forward(**self.inputs)  # lazy inits and caches (may copy from the host once)
+            run = (lambda: net.forward(**self.inputs)) if end is None else \
+                (lambda: net.forward(end=end, **self.inputs))
+            run()  # lazy inits and caches (may copy from the host once)
             # a forward that synchronizes with the host cannot be captured: find out now, with
             # a clear error, rather than by a failed capture
             previous = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for _ in range(max(1, warmup)):
-                    net.forward(**self.inputs)
+                    run()
             except RuntimeError as e:
                 raise GraphError("this net cannot be captured as a CUDA graph (run it eagerly): its "
                                  "forward synchronizes with the host (data-dependent shapes or host "
@@ -69,7 +72,7 @@ class CudaGraphNet:
         try:
             self.graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(self.graph):
-                self.outputs: "OrderedDict[str, Tensor]" = net.forward(**self.inputs)
+                self.outputs: "OrderedDict[str, Tensor]" = run()
         except RuntimeError as e:
             try:
                 torch.cuda.synchronize(device)
@@ -100,3 +103,84 @@ class CudaGraphNet:
     def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
         return self(**inputs)
 
+
+
+def host_free_prefix(net, **inputs) -> Optional[str]:
+    """The last layer before the first one whose forward needs the host (an NMS, a Python
+    layer, a sampled size: found by :func:`caffe_compat.host_sync.audit_host_syncs` on one
+    forward of ``inputs``), or None when the first layer already needs it.  The layers up to
+    it can be captured as one CUDA graph; with no such layer the whole net can."""
+    from caffe_compat.host_sync import audit_host_syncs
+
+    with torch.no_grad():
+        report = audit_host_syncs(net, **inputs)
+    needing = set(report.layers())
+    previous: Optional[str] = None
+    for e in net.entries:
+        if e.name in needing:
+            return previous
+        previous = e.name
+    return previous
+
+
+class TrunkGraphs:
+    """A net whose host-free leading layers (a detector's convolutional trunk and RPN head)
+    replay as CUDA graphs, one per input shape, and whose remaining layers run eagerly.
+
+    Faster R-CNN's test images come in a few sizes (VOC: mostly 600 x 800 and 800 x 600 after
+    scaling), so most forwards replay a captured trunk: one launch instead of one per kernel.
+    The split point is found once (:func:`host_free_prefix`); at most ``max_graphs`` shapes
+    keep a graph (least recently used dropped first); a shape that cannot be captured runs
+    eagerly.  Quacks like the net for ``im_detect``: ``forward(**inputs)`` returns the
+    outputs, ``blobs`` and other attributes are the net's.
+    """
+
+    def __init__(self, net, max_graphs: int = 4) -> None:
+        self.net = net
+        self.max_graphs = int(max_graphs)
+        self.split: Optional[str] = None
+        self._split_known = False
+        self._graphs: "OrderedDict[Tuple[Any, ...], Optional[CudaGraphNet]]" = OrderedDict()
+        #: shapes replayed / captured / run eagerly: the figures a benchmark reports
+        self.replays = 0
+        self.captures = 0
+        self.eager = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["net"], name)
+
+    def _key(self, inputs: Dict[str, Any]) -> Tuple[Any, ...]:
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in inputs.items()))
+
+    def forward(self, **inputs) -> "OrderedDict[str, Tensor]":
+        net = self.net
+        if not self._split_known:
+            self.split = host_free_prefix(net, **inputs)
+            self._split_known = True
+        if self.split is None or net.device.type != "cuda":
+            self.eager += 1
+            return net.forward(**inputs)
+        key = self._key(inputs)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            graph = self._graphs[key]
+        else:
+            try:
+                graph = CudaGraphNet(net, end=self.split, **inputs)
+                self.captures += 1
+            except GraphError:
+                graph = None   # this shape runs eagerly from now on
+            self._graphs[key] = graph
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        if graph is None:
+            self.eager += 1
+            return net.forward(**inputs)
+        graph(**inputs)
+        self.replays += 1
+        last = net.entries[-1].name
+        if last == self.split:
+            return OrderedDict((n, net.blobs[n]) for n in net.output_names if n in net.blobs)
+        return net.forward(start=net.step_index(self.split) + 1)
+
+    __call__ = forward

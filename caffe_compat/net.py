@@ -35,7 +35,7 @@ from caffe_compat.layers import registry
 from caffe_compat.layers.base import TEST, TRAIN, BuildContext, Layer, Shape
 from caffe_compat import limits
 from caffe_compat.net_state import filter_net, make_state
-from caffe_compat.precision import exact_fp32
+from caffe_compat.precision import pass_settings
 from caffe_compat.protos import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,9 @@ class Net(nn.Module):
         #: True keeps the layer-by-layer NCHW path for grad-free TEST forwards too (the
         #: default runs :mod:`caffe_compat.inference_plan` there); settable at any time
         self.exact_layout = bool(exact_layout)
+        #: on CUDA, let cuDNN time its algorithms once per shape and keep the fastest (fp32
+        #: either way; False keeps torch's heuristic choice); settable at any time
+        self.cudnn_autotune = True
         from caffe_compat.io import active_schema
         from caffe_compat.proto_schema import as_schema, use_schema
 
@@ -625,7 +628,8 @@ class Net(nn.Module):
         ``forward``/``backward`` use it; wrap your own ``torch.autograd`` calls on the
         net's outputs in it too (on CUDA, backward kernels read torch's global flags).
         """
-        return exact_fp32(not self.allow_tf32)
+        tune = getattr(self, "cudnn_autotune", True) and self.device.type == "cuda"
+        return pass_settings(exact=not self.allow_tf32, autotune=tune)
 
     def forward(self, *, start: LayerRef = None, end: LayerRef = None,
                 **inputs) -> "OrderedDict[str, Tensor]":

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-__all__ = ["exact_fp32", "tf32_state", "PRECISIONS", "check_precision", "autocast_dtype",
+__all__ = ["exact_fp32", "cudnn_autotune", "pass_settings", "tf32_state", "PRECISIONS", "check_precision", "autocast_dtype",
            "autocast", "inference_precision", "install_training_precision", "SolverOptimizer"]
 
 #: the ``--precision`` choices, exact first
@@ -100,6 +100,45 @@ def exact_fp32(enabled: bool = True) -> Iterator[None]:
                 for fn in reversed(_undo):
                     fn()
                 _undo.clear()
+
+
+_tune_depth = 0
+_tune_prev: List[bool] = []
+
+
+@contextlib.contextmanager
+def cudnn_autotune(enabled: bool = True) -> Iterator[None]:
+    """Run the block with cuDNN's autotuner on (``torch.backends.cudnn.benchmark``).
+
+    The first convolution of each new shape times cuDNN's algorithms and keeps the fastest
+    (Caffe asked cuDNN's heuristic once per shape); later ones reuse it.  Every algorithm
+    computes the same fp32 convolution (TF32 stays off unless allowed), so the numbers stay
+    Caffe's within fp32 rounding.  Global in torch, hence set at the outermost pass and
+    restored after it, as :func:`exact_fp32`.
+    """
+    global _tune_depth
+    if not enabled:
+        yield
+        return
+    with _lock:
+        if _tune_depth == 0:
+            _tune_prev[:] = [bool(torch.backends.cudnn.benchmark)]
+            torch.backends.cudnn.benchmark = True
+        _tune_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _tune_depth -= 1
+            if _tune_depth == 0:
+                torch.backends.cudnn.benchmark = _tune_prev[0]
+
+
+@contextlib.contextmanager
+def pass_settings(*, exact: bool, autotune: bool) -> Iterator[None]:
+    """A net pass's torch switches: :func:`exact_fp32` and :func:`cudnn_autotune`."""
+    with exact_fp32(exact), cudnn_autotune(autotune):
+        yield
 
 
 # ----------------------------------------------------------------------------- --precision

@@ -149,3 +149,83 @@ def test_replay_survives_eviction_of_cached_pooling_divisors():
     junk = [torch.full((4096,), 7.0, device="cuda") for _ in range(64)]  # reuse freed blocks
     assert torch.equal(graph(data=x)["p"], eager)
     del junk
+
+
+# ----------------------------------------------------------------------------- Faster R-CNN trunk
+def _tiny_frcnn(device: str = "cpu"):
+    from caffe_compat.frcnn.config import cfg_from_file
+
+    cfg_from_file(str(ROOT / "models" / "faster_rcnn_tiny" / "faster_rcnn_tiny.yml"))
+    net = Net(str(ROOT / "models" / "faster_rcnn_tiny" / "test.prototxt"), seed=0, device=device,
+              exact_layout=True)
+    return net
+
+
+def _frcnn_inputs(seed: int, device: str = "cpu", size=(160, 200)):
+    g = torch.Generator().manual_seed(seed)
+    return dict(data=(torch.rand(1, 3, *size, generator=g) * 50).to(device),
+                im_info=torch.tensor([[float(size[0]), float(size[1]), 1.0]], device=device))
+
+
+def test_trunk_split_is_before_the_first_layer_needing_the_host():
+    from caffe_compat.cuda_graph import host_free_prefix
+    from caffe_compat.frcnn.config import temporary_cfg
+
+    with temporary_cfg():
+        net = _tiny_frcnn()
+        split = host_free_prefix(net, **_frcnn_inputs(0))
+        names = [e.name for e in net.entries]
+        assert names[names.index(split) + 1] == "proposal"
+        # a net without such a layer is all trunk
+        plain = Net(str(ROOT / "models" / "tiny_resnet" / "deploy.prototxt"))
+        x = torch.zeros(plain.blob_shapes[plain.input_names[0]])
+        assert host_free_prefix(plain, **{plain.input_names[0]: x}) == plain.entries[-1].name
+
+
+def test_trunk_graphs_run_eagerly_off_cuda_with_the_same_outputs():
+    from caffe_compat.cuda_graph import TrunkGraphs
+    from caffe_compat.frcnn.config import temporary_cfg
+
+    with temporary_cfg():
+        net = _tiny_frcnn()
+        tg = TrunkGraphs(net)
+        with torch.no_grad():
+            a = {k: v.clone() for k, v in tg.forward(**_frcnn_inputs(1)).items()}
+            b = net.forward(**_frcnn_inputs(1))
+        assert tg.eager == 1 and tg.replays == 0
+        assert tg.input_names == net.input_names  # quacks like the net
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.gpu
+def test_trunk_graphs_replay_equals_eager_on_cuda():
+    from caffe_compat.cuda_graph import TrunkGraphs
+    from caffe_compat.frcnn.config import temporary_cfg
+
+    with temporary_cfg():
+        net = _tiny_frcnn("cuda")
+        tg = TrunkGraphs(net, max_graphs=2)
+        for seed, size in [(0, (160, 200)), (1, (160, 200)), (2, (200, 160)), (3, (160, 200)),
+                           (4, (128, 128)), (5, (200, 160))]:
+            inputs = _frcnn_inputs(seed, "cuda", size)
+            with torch.no_grad():
+                out = {k: v.clone() for k, v in tg.forward(**inputs).items()}
+                ref = net.forward(**inputs)
+            for k in ref:
+                assert torch.equal(out[k], ref[k]), (seed, k)
+        assert tg.captures == 4 and tg.replays == 6  # (128,128) evicted the oldest shape
+
+
+def test_cudnn_autotune_is_scoped():
+    from caffe_compat.precision import cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_autotune():
+        assert torch.backends.cudnn.benchmark
+        with cudnn_autotune():
+            assert torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
+    with cudnn_autotune(False):
+        assert torch.backends.cudnn.benchmark == before
