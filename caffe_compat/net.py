@@ -643,13 +643,29 @@ class Net(nn.Module):
         """
         with self.precision():
             if start is None and end is None:
-                return self._forward(inputs)
+                compiled = self.__dict__.get("_compiled_forward")
+                return self._forward(inputs) if compiled is None else compiled(inputs)
             self.feed(**inputs)
             with self._ranged_pass() as steps:
                 self.loss = forward_from_to(self, self.step_index(start, 0),
                                             self.step_index(end, len(steps) - 1))
             self._layerwise = True
             return OrderedDict((n, self.blobs[n]) for n in self.output_names if n in self.blobs)
+
+    def compile_forward(self, backend: Any = "inductor", *, mode: Optional[str] = None,
+                        dynamic: Optional[bool] = None, fallback: bool = True) -> "Net":
+        """Run whole forwards through ``torch.compile`` from now on (ranged forwards stay
+        layer by layer); a compiler failure falls back to eager with one warning
+        (:class:`caffe_compat.compile.CompiledForward`).  ``backend=None`` undoes it."""
+        if backend is None:
+            self.__dict__.pop("_compiled_forward", None)
+            return self
+        from caffe_compat.compile import CompiledForward
+
+        self.__dict__["_compiled_forward"] = CompiledForward(
+            self._forward, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
+            name=f"net '{self.net_name}'")
+        return self
 
     def _forward(self, inputs) -> "OrderedDict[str, Tensor]":
         self.feed(**inputs)
