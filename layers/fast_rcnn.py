@@ -328,6 +328,8 @@ class ROIPooling(ROILayer):
     def _top_shape(self, feat: Shape, rois: Shape) -> Shape:
         return (int(rois[0]), int(feat[1]), self.pooled_h, self.pooled_w)
 
+    # a custom autograd Function with a data-dependent ROI count: graph break, run eagerly
+    @torch.compiler.disable
     def forward(self, x: Tensor, rois: Tensor) -> Tuple[Tensor]:
         rois2 = self._rois(x, rois)
         out, arg = _ROIPool.apply(x, rois2, self.pooled_h, self.pooled_w, self.spatial_scale, None)

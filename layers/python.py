@@ -380,6 +380,7 @@ class PythonLayer(Layer):
         self._shape_cache = (shapes, tops)
         return list(tops)
 
+    @torch.compiler.disable  # the user's Python (numpy, host state) runs as written
     def forward(self, *bottoms: Tensor) -> Tuple[Tensor, ...]:
         if len(bottoms) != len(self._bottoms):
             raise self.error(PythonLayerError, f"built with {len(self._bottoms)} bottoms, "

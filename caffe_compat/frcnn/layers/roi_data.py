@@ -217,6 +217,7 @@ class RoIDataLayer(Layer):
         self._cur += ims
         return inds
 
+    @torch.compiler.disable  # host work (image loading, numpy): never traced by torch.compile
     def _next_blobs(self) -> List[Tensor]:
         if self._pending is not None:
             blobs, self._pending = self._pending, None

@@ -314,6 +314,7 @@ class AnchorTargetLayer(_AnchorMixin, _Sampler, Layer):
         a = self.num_anchors
         return [(1, 1, a * h, w), (1, 4 * a, h, w), (1, 4 * a, h, w), (1, 4 * a, h, w)]
 
+    @torch.compiler.disable  # data-dependent sizes and sampling: run eagerly under torch.compile
     def forward(self, rpn_cls_score: Tensor, gt_boxes: Tensor, im_info: Tensor,
                 *unused: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         with torch.no_grad():
@@ -451,6 +452,7 @@ class ProposalLayer(_AnchorMixin, Layer):
         self._check_shapes(bottom_shapes)
         return [(1, 5), (1, 1, 1, 1)][: len(self.top_names)]
 
+    @torch.compiler.disable  # data-dependent sizes and sampling: run eagerly under torch.compile
     def forward(self, cls_prob: Tensor, bbox_pred: Tensor, im_info: Tensor) -> Tuple[Tensor, ...]:
         with torch.no_grad():
             rois, scores = self._forward(cls_prob.detach(), bbox_pred.detach(), im_info.detach())
@@ -547,6 +549,7 @@ class ProposalTargetLayer(_Sampler, Layer):
         k4 = 4 * self.num_classes
         return [(1, 5), (1, 1), (1, k4), (1, k4), (1, k4)]
 
+    @torch.compiler.disable  # data-dependent sizes and sampling: run eagerly under torch.compile
     def forward(self, rpn_rois: Tensor, gt_boxes: Tensor) -> Tuple[Tensor, ...]:
         with torch.no_grad():
             return self._forward(rpn_rois.detach(), gt_boxes.detach())
