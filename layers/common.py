@@ -22,8 +22,9 @@ from caffe_compat.protos import caffe_pb2
 
 # ---------------------------------------------------------------------------- helpers
 def _count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> int:
-    """Caffe's ``Blob::count(start, end)``: product of dims in ``[start, end)``."""
-    return math.prod(int(d) for d in tuple(shape)[start:end])
+    """Caffe's ``Blob::count(start, end)``: product of dims in ``[start, end)``.
+    (Symbolic sizes under ``torch.export`` stay symbolic: ``int()`` would specialise them.)"""
+    return math.prod(d if isinstance(d, torch.SymInt) else int(d) for d in tuple(shape)[start:end])
 
 
 def _enum_value(layer: Layer, enum, value: int, what: str) -> int:
