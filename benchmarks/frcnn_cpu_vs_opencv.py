@@ -3,17 +3,23 @@
     CAFFE_COMPAT_ALLOW_PYTHON_LAYERS=1 .venv/bin/python benchmarks/frcnn_cpu_vs_opencv.py \
         [--nets ZF,VGG16] [--rounds 3] [--results benchmarks/RESULTS.md]
 
-The corpus ``faster_rcnn_end2end/test.prototxt`` of each net, seeded random weights, one
+The corpus ``faster_rcnn_end2end/test.prototxt`` of each net, seeded random weights (RPN outputs scaled, below), one
 600x1000 input (``im_info`` scale 1.6), batch 1.  OpenCV runs the same caffemodel with the
 Python ``rpn.proposal_layer`` replaced by its built-in ``Proposal`` layer, as OpenCV's
 Faster R-CNN sample does.  ms per forward (fastest of ``--rounds`` alternating rounds) for
 caffe-compat's default path (``torch.inference_mode()``, no opt-ins), its
 ``exact_layout=True`` path and OpenCV.
 
+Weights: seeded random (``randomize_weights``), then the RPN's two output layers scaled as a
+trained RPN's are (``rpn_bbox_pred`` x 0.01, ``rpn_cls_score`` x 0.1).  Unscaled random
+weights give objectness logits of +-50 and box deltas that throw every proposal onto the
+image border, where NMS keeps a few dozen degenerate boxes whose order depends on fp32
+rounding; with trained-like outputs both proposal layers keep 300 boxes and can be compared.
+
 Outputs: the default path's blobs against the exact path's (largest difference relative to
-each blob's largest magnitude), and the convolutional trunk and RPN outputs against
-OpenCV's (OpenCV's time is its whole net, heads included; the boxes after the proposal layers differ: OpenCV's Proposal layer is its own
-implementation, and NMS is discontinuous, so the heads' outputs are not compared).
+each blob's largest magnitude), and against OpenCV's: the trunk and RPN outputs, the 300
+proposals, and the heads' ``cls_prob`` / ``bbox_pred`` with rows matched by box (proposals
+whose scores tie leave NMS in either order; OpenCV's time is its whole net).
 """
 from __future__ import annotations
 
@@ -40,6 +46,22 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max()) / max(float(np.abs(b).max()), 1e-30)
 
 
+def compare_heads(got: dict, rois: np.ndarray, cls_prob: np.ndarray, bbox_pred: np.ndarray) -> str:
+    """Proposals and heads against OpenCV's, rows matched by box: proposals whose scores tie
+    (or differ by less than fp32 rounding) may come out of NMS in another order."""
+    ours = got["rois"]
+    if ours.shape != rois.shape:
+        return f"proposals differ in number: {ours.shape[0]} vs OpenCV's {rois.shape[0]}"
+    d = np.abs(rois[:, None, 1:].astype(np.float64) - ours[None, :, 1:]).max(-1)   # (cv, ours)
+    match = d.argmin(1)
+    if len(set(match.tolist())) != len(match) or float(d.min(1).max()) > 1e-2:
+        return f"proposals differ: {int((d.min(1) > 1e-2).sum())} of {len(rois)} boxes have no match"
+    moved = int((match != np.arange(len(match))).sum())
+    return (f"same {len(rois)} proposals (max coordinate diff {float(d.min(1).max()):.1e} px; {moved} in "
+            f"another order: score ties), rows matched: cls_prob {rel(got['cls_prob'][match], cls_prob):.1e}, "
+            f"bbox_pred {rel(got['bbox_pred'][match], bbox_pred):.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nets", default="ZF,VGG16")
@@ -61,12 +83,16 @@ def main() -> None:
     info = torch.tensor([[600.0, 1000.0, 1.6]])
     for name in a.nets.split(","):
         proto = FRCNN / "models" / "pascal_voc" / name / "faster_rcnn_end2end" / "test.prototxt"
-        w = tmp / f"frcnn_{name}.caffemodel"
+        w = tmp / f"frcnn_{name}_rpn_scaled.caffemodel"
         with temporary_cfg():
             cfg_from_file(str(FRCNN / "experiments" / "cfgs" / "faster_rcnn_end2end.yml"))
             if not w.exists():
                 n = Net(str(proto), seed=0)
                 randomize_weights(n)
+                with torch.no_grad():  # trained-like RPN outputs (see the module docstring)
+                    for layer, scale in (("rpn_bbox_pred", 0.01), ("rpn_cls_score", 0.1)):
+                        for p in n.layer(layer).parameters():
+                            p.mul_(scale)
                 n.save_weights(str(w))
                 del n
             shapes = {"data": (1, 3, 600, 1000)}
@@ -83,7 +109,9 @@ def main() -> None:
             got = {k: v.numpy().copy() for k, v in fast.blobs.items()}
             run(exact)()
             ref = {k: v.numpy() for k, v in exact.blobs.items()}
-            worst = max((rel(got[k], ref[k]), k) for k in ref if got[k].shape == ref[k].shape)
+            before_rois = list(ref)[:list(ref).index("rois")]   # the trunk and RPN: no NMS yet
+            worst = max((rel(got[k], ref[k]), k) for k in before_rois)
+            vs_exact = compare_heads(got, ref["rois"], ref["cls_prob"], ref["bbox_pred"])
             trunk = fast.layer("roi_pool_conv5" if name == "ZF" else "roi_pool5")
             trunk_blob = next(e.bottoms[0] for e in fast.entries if e.module is trunk)
             cvp = tmp / f"{name}_opencv.prototxt"
@@ -99,8 +127,9 @@ def main() -> None:
                 cv.setInput(info.numpy(), "im_info")
                 return cv.forward(list(outs))
 
-            o = run_cv([writer[b] for b in blobs])
+            o = run_cv([writer[b] for b in blobs] + ["proposal", "cls_prob", "bbox_pred"])
             vs_cv = max(rel(ref[k], v) for k, v in zip(blobs, o))
+            heads = compare_heads(got, *o[-3:])
             fns = [run(fast), run(exact), run_cv]
             best = [float("inf")] * 3
             for _ in range(a.rounds):
@@ -110,8 +139,8 @@ def main() -> None:
                     best[i] = min(best[i], (time.perf_counter() - t) * 1e3)
         print(f"{name}: default {best[0]:.0f} ms ({best[0] / best[2]:.2f}x OpenCV), exact_layout "
               f"{best[1]:.0f} ms ({best[1] / best[2]:.2f}x), OpenCV {best[2]:.0f} ms; default vs exact "
-              f"worst blob {worst[0]:.1e} ({worst[1]}); trunk+RPN vs OpenCV {vs_cv:.1e}", flush=True)
-        rows.append((name, best, worst, vs_cv))
+              f"trunk+RPN worst blob {worst[0]:.1e} ({worst[1]}), {vs_exact}; vs OpenCV: trunk+RPN {vs_cv:.1e}, {heads}", flush=True)
+        rows.append((name, best, worst, vs_cv, heads, vs_exact))
     if a.results and rows:
         import shlex
         import sys
@@ -123,11 +152,13 @@ def main() -> None:
                "`faster_rcnn_end2end/test.prototxt`, seeded weights, 1x3x600x1000, ms per forward "
                "(OpenCV with its `Proposal` layer in place of the Python one); `xOpenCV` = this time / "
                "OpenCV's.  Blob diff: relative to each blob's largest magnitude.\n",
-               "| net | OpenCV ms | default ms (xOpenCV) | exact_layout ms (xOpenCV) | default vs exact, worst blob "
-               "| trunk + RPN vs OpenCV |", "|---|---|---|---|---|---|"]
-        for name, best, worst, vs_cv in rows:
+               "| net | OpenCV ms | default ms (xOpenCV) | exact_layout ms (xOpenCV) | default vs exact: trunk + RPN "
+               "worst blob; proposals and heads | trunk + RPN vs OpenCV | proposals and heads vs OpenCV (default path) |",
+               "|---|---|---|---|---|---|---|"]
+        for name, best, worst, vs_cv, heads, vs_exact in rows:
             out.append(f"| {name} | {best[2]:.0f} | {best[0]:.0f} ({best[0] / best[2]:.2f}x) | "
-                       f"{best[1]:.0f} ({best[1] / best[2]:.2f}x) | {worst[0]:.1e} (`{worst[1]}`) | {vs_cv:.1e} |")
+                       f"{best[1]:.0f} ({best[1] / best[2]:.2f}x) | {worst[0]:.1e} (`{worst[1]}`); {vs_exact} | {vs_cv:.1e} "
+                       f"| {heads} |")
         with open(a.results, "a") as f:
             f.write("\n".join(out) + "\n")
 

@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--cpu-images", type=int, default=1, help="images for the CPU baseline (0: skip)")
     ap.add_argument("--variants", default="", help="comma-separated GPU_DETECT labels' indices (default: all)")
     ap.add_argument("--compile", default="", help="also train with net.compile_forward(backend=...)")
+    ap.add_argument("--compile-nets", default="ZF", help="the nets --compile applies to (compiling takes minutes)")
     ap.add_argument("--table", default="", help="append a markdown table to this file")
     a = ap.parse_args()
     if not FRCNN.is_dir():
@@ -199,7 +200,7 @@ def main() -> None:
             dt, peak = bench_train(name, data_dir, a.device, a.train_iters, a.warmup, tmp)
             rows.append((name, "train end2end (eager)", f"{1 / dt:.1f} it/s, peak {peak:.2f} GB",
                          ANCHORS.get((name, "train"), "")))
-            if a.compile:
+            if a.compile and name in a.compile_nets.split(","):
                 dt, peak = bench_train(name, data_dir, a.device, a.train_iters, a.warmup, tmp, a.compile)
                 rows.append((name, f"train end2end (compiled, {a.compile})",
                              f"{1 / dt:.1f} it/s, peak {peak:.2f} GB", ""))

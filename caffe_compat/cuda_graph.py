@@ -146,8 +146,18 @@ class TrunkGraphs:
         self.captures = 0
         self.eager = 0
 
+    _OWN = frozenset({"net", "max_graphs", "split", "_split_known", "_graphs", "replays", "captures",
+                      "eager"})
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["net"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # settings such as ``allow_tf32`` (``--precision tf32``) are the net's
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.net, name, value)
 
     def _key(self, inputs: Dict[str, Any]) -> Tuple[Any, ...]:
         return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in inputs.items()))

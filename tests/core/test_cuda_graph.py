@@ -194,6 +194,8 @@ def test_trunk_graphs_run_eagerly_off_cuda_with_the_same_outputs():
             b = net.forward(**_frcnn_inputs(1))
         assert tg.eager == 1 and tg.replays == 0
         assert tg.input_names == net.input_names  # quacks like the net
+        tg.allow_tf32 = True                        # settings reach the net
+        assert net.allow_tf32 and "allow_tf32" not in tg.__dict__
         for k in b:
             assert torch.equal(a[k], b[k]), k
 
