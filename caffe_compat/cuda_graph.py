@@ -23,7 +23,7 @@ from torch import Tensor
 
 from caffe_compat.errors import GraphError, ShapeError
 
-__all__ = ["CudaGraphNet", "TrunkGraphs", "host_free_prefix"]
+__all__ = ["CudaGraphNet", "TrunkGraphs", "host_free_prefix", "fast_runner"]
 
 
 class CudaGraphNet:
@@ -194,3 +194,16 @@ class TrunkGraphs:
         return net.forward(start=net.step_index(self.split) + 1)
 
     __call__ = forward
+
+
+def fast_runner(net, *, cuda_graphs: bool = True, compile_backend: Optional[str] = None):
+    """What ``test``/``detect`` run images through: ``net`` itself, its forwards compiled
+    (``compile_backend``, with the eager fallback), and on CUDA its host-free trunk replayed
+    as CUDA graphs (:class:`TrunkGraphs`; compiling and graphs are not combined: a compiled
+    forward is captured by neither)."""
+    if compile_backend:
+        net.compile_forward(backend=compile_backend)
+        return net
+    if cuda_graphs and net.device.type == "cuda":
+        return TrunkGraphs(net)
+    return net

@@ -12,7 +12,7 @@ import click
 
 from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (batch_option, cfg_options, check_file, config_scope, gpu_option,
-                                      precision_option, python_layers_option)
+                                      precision_option, python_layers_option, speed_options)
 
 @main.command("detect")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
@@ -31,11 +31,12 @@ from caffe_compat.cli.options import (batch_option, cfg_options, check_file, con
 @gpu_option()
 @batch_option()
 @precision_option()
+@speed_options
 @python_layers_option()
 @writes("out_dir")
 @friendly
 def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh, nms_thresh, classes_spec,
-                   gpu, batch, precision, allow_python_layers):
+                   gpu, batch, precision, cuda_graphs, compile_backend, allow_python_layers):
     """Detect objects in IMAGES and write them, boxes drawn, to --out."""
     from caffe_compat.device import resolve_device
     from caffe_compat.errors import DataError, GraphError
@@ -60,8 +61,11 @@ def detect_command(images, model, weights, out_dir, cfg_file, set_pairs, thresh,
             raise GraphError("detect needs a Faster R-CNN net with an RPN (inputs data and im_info); "
                              f"this net's inputs are: {', '.join(net.input_names) or 'none'}")
         sync = (lambda: __import__("torch").cuda.synchronize(device)) if device.type == "cuda" else None
+        from caffe_compat.cuda_graph import fast_runner
+
+        runner = fast_runner(net, cuda_graphs=cuda_graphs, compile_backend=compile_backend)
         records: List[Dict[str, Any]] = []
-        for path, rec in zip(images, detect_images(net, images, out_dir, classes, thresh=thresh,
+        for path, rec in zip(images, detect_images(runner, images, out_dir, classes, thresh=thresh,
                                                    nms_thresh=nms_thresh, sync=sync,
                                                    batch=batch, precision=precision)):
             records.append(rec)

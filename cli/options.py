@@ -20,7 +20,7 @@ import click
 
 __all__ = ["gpu_option", "cfg_options", "config_scope", "input_shape_option", "parse_input_shapes",
            "phase_option", "state_options", "python_layers_option", "check_file", "SET_HELP",
-           "extra_args", "precision_option", "batch_option"]
+           "extra_args", "precision_option", "batch_option", "gpus_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,6 +145,20 @@ def batch_option(help: str = "Images per forward: consecutive images of the same
                         help=help)
 
 
+def speed_options(fn: F) -> F:
+    """``--cuda-graphs/--no-cuda-graphs`` (parameter ``cuda_graphs``) and ``--compile BACKEND``
+    (parameter ``compile_backend``): the GPU inference path's switches
+    (:func:`caffe_compat.cuda_graph.fast_runner`)."""
+    return _apply(fn, [
+        click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=True, show_default=True,
+                     help="On CUDA, replay the layers before the first one needing the host (a "
+                          "detector's trunk and RPN) as CUDA graphs, one per image shape."),
+        click.option("--compile", "compile_backend", default=None, metavar="BACKEND",
+                     help="Run forwards through torch.compile with this backend (e.g. inductor); "
+                          "falls back to eager with a warning if compiling fails."),
+    ])
+
+
 def check_file(path: Optional[str], what: str, flag: str) -> str:
     """``path`` if it is a file, else a clear error naming the flag."""
     from caffe_compat.errors import DataError, WeightsError
@@ -155,3 +169,21 @@ def check_file(path: Optional[str], what: str, flag: str) -> str:
         cls = WeightsError if flag == "--weights" else DataError
         raise cls(f"{what} not found ({flag})", where=path)
     return path
+
+
+def gpus_options(fn: F) -> F:
+    """``--gpus 0,1|all|cpu:N`` (one process per device, :mod:`caffe_compat.distributed`),
+    ``--dist-timeout S`` and ``--sync-batchnorm`` -> ``gpus``, ``dist_timeout``,
+    ``sync_batchnorm`` (resolved by :func:`caffe_compat.distributed.resolve_gpus`)."""
+    return _apply(fn, [
+        click.option("--gpus", "gpus", default=None, metavar="IDS|all|cpu:N",
+                     help="One process per device: CUDA ids (0,1,2,3), all (Caffe's -gpu all), or "
+                          "cpu:N (N CPU processes, gloo). Under torchrun: the devices of LOCAL_RANK "
+                          "0, 1, ... (default: cuda:LOCAL_RANK, else the CPU)."),
+        click.option("--dist-timeout", "dist_timeout", type=float, default=300.0, show_default=True,
+                     help="Seconds a process waits for the others before the run fails, naming "
+                          "the rank that did not answer."),
+        click.option("--sync-batchnorm", "sync_batchnorm", is_flag=True,
+                     help="BatchNorm in train mode uses the statistics of all processes' batches "
+                          "(default: each process's own, as Caffe)."),
+    ])

@@ -582,11 +582,13 @@ def test_detect_command_writes_images_and_json(rpn_files, tmp_path):
         if e["detections"]:
             assert np.abs(drawn.astype(int) - src.astype(int)).max() > 60     # boxes drawn
     assert total > 0
-    # the module is deterministic: the same run gives the same JSON detections
+    # the module is deterministic: the same run gives the same JSON detections, also with its
+    # forwards through torch.compile (Dynamo's eager backend: tracing and graph breaks, no codegen)
     r2 = run_cli(["detect", "--model", rpn_files / "test.prototxt", "--weights", rpn_files / "tiny.caffemodel",
                   imgs[0], "--out", tmp_path / "out2", "--set", "TEST.SCALES", "(96,)", "--set", "TEST.MAX_SIZE",
-                  "128", "--thresh", "0.06"])
+                  "128", "--thresh", "0.06", "--compile", "eager"])
     assert r2.exit_code == 0, r2.output
+    assert "torch.compile" not in r2.output  # compiled, not fallen back
     doc2 = json.loads((tmp_path / "out2" / "detections.json").read_text())
     assert doc2["images"][0]["detections"] == doc["images"][0]["detections"]
 
