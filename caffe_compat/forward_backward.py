@@ -182,13 +182,25 @@ def forward_from_to(net: "Net", start: int, end: int) -> Optional[Tensor]:
     the layers run (float64, None when none of them is a loss)."""
     steps = net.caffe_steps
     loss: Optional[float] = None
+    fused = _fused_groups(net, steps, start, end)
+    done: set = set()
     for i in range(start, end + 1):
         s = steps[i]
-        if s.is_split:  # its tops share the bottom's data
+        if s.is_split or i in done:  # a split's tops share the bottom's data
             continue
         m = s.module
         if m is None:
             raise DataError(f"layer cannot run: {net.entries[s.entry].unbuilt_reason}", layer=s.name)
+        group = fused.get(i)
+        if group is not None:  # the inference plan's fused step: Caffe's value in the top
+            run, absorbed = group
+            with torch.no_grad():
+                net.blobs[s.tops[0]] = run(_data(net, s.bottoms[0]))
+            for j in [i] + absorbed:
+                net._records.pop(j, None)
+            done.update(absorbed)
+            net.checks.settle()
+            continue
         outs = _feed_tops(net, s) if m.accepts_feed else _run_layer(net, i, s)
         net.checks.settle()  # layer by layer: each layer's checks before the next reads its tops
         for t, o, w in zip(s.tops, outs, s.loss_weights):
@@ -200,6 +212,32 @@ def forward_from_to(net: "Net", start: int, end: int) -> Optional[Tensor]:
     for n, t in net.blobs.items():
         net.blob_shapes[n] = tuple(t.shape)
     return None if loss is None else torch.tensor(loss, dtype=torch.float64)
+
+
+def _fused_groups(net: "Net", steps: List[Step], start: int, end: int) -> dict:
+    """Step index -> (fused run, absorbed step indices) for the default CPU inference plan's
+    groups (a convolution with its in-place BatchNorm/Scale/ReLU, an InnerProduct with its
+    ReLU) that lie wholly inside ``start..end`` and of which no step needs backward.  A range
+    ending inside a group runs its layers one by one, so every blob holds what Caffe's does."""
+    from caffe_compat import inference_plan
+
+    if not inference_plan.applies_ranged(net):
+        return {}
+    plan = inference_plan.plan_for(net)
+    if not plan.convs:
+        return {}
+    at = {s.entry: k for k, s in enumerate(steps) if s.entry is not None}
+    out = {}
+    for entry, f in plan.convs.items():
+        k = at.get(entry)
+        absorbed = [at.get(a) for a in f.absorbed]
+        if k is None or None in absorbed:
+            continue
+        members = [k] + absorbed
+        if min(members) < start or max(members) > end or any(steps[j].need_backward for j in members):
+            continue
+        out[k] = (f.run, absorbed)
+    return out
 
 
 # ============================================================================ backward

@@ -38,7 +38,7 @@ from caffe_compat.layers.vision import Convolution
 if TYPE_CHECKING:
     from caffe_compat.net import LayerEntry, Net
 
-__all__ = ["InferencePlan", "plan_for", "applies"]
+__all__ = ["InferencePlan", "plan_for", "applies", "applies_ranged"]
 
 
 def _has_mkldnn_ops() -> bool:
@@ -54,6 +54,15 @@ def applies(net: "Net") -> bool:
     layer run as it is."""
     return (not net.exact_layout and net.phase == TEST and not torch.is_grad_enabled()
             and net.device.type == "cpu" and net.dtype == torch.float32 and _has_mkldnn_ops()
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in net._modules.values()))
+
+
+def applies_ranged(net: "Net") -> bool:
+    """:func:`applies` for Caffe's ``ForwardFromTo`` (pycaffe's ``net.forward()``): there
+    grad mode does not matter -- a layer runs with grad only where Caffe's need-backward says
+    so, and the ranged pass fuses only groups none of whose steps need it."""
+    return (not net.exact_layout and net.phase == TEST and net.device.type == "cpu"
+            and net.dtype == torch.float32 and _has_mkldnn_ops()
             and not any(m._forward_hooks or m._forward_pre_hooks for m in net._modules.values()))
 
 

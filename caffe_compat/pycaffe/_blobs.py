@@ -19,7 +19,8 @@ across a forward see the new values.  The net itself runs in torch, so:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Set, Tuple
+import weakref
+from typing import Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -229,7 +230,9 @@ class ParamBlob(Blob):
     def data(self) -> np.ndarray:
         t = self.tensor()
         if _shareable(t):
-            return t.detach().numpy()
+            arr = t.detach().numpy()
+            _hand_out(self._module, self._attr, arr)
+            return arr
         return self._host_array(0, t)
 
     @property
@@ -292,6 +295,39 @@ class ParamBlob(Blob):
 
     def __repr__(self) -> str:
         return f"Blob(shape={self.shape})"
+
+
+def _hand_out(module: nn.Module, attr: str, arr: np.ndarray) -> None:
+    """Remember (weakly) an array sharing a parameter's memory that a script now holds."""
+    refs = module.__dict__.setdefault("_handed_arrays", {}).setdefault(attr, [])
+    refs[:] = [r for r in refs if r() is not None]
+    refs.append(weakref.ref(arr))
+    module.__dict__.setdefault("_handed_since_push", set()).add(attr)
+
+
+def bump_held_params(modules: Iterable[nn.Module]) -> None:
+    """Mark as changed the parameters whose arrays a script still holds.
+
+    A numpy write into such an array (``w *= 3``, net surgery through a held
+    ``net.params[...][0].data``) changes the tensor without bumping torch's version counter,
+    and caches keyed on versions (the CPU inference plan's packed weights) would miss it.
+    Arrays handed out since the last forward count too (a temporary one may have written
+    before it went); arrays the script dropped cannot write any more, so once every one is
+    gone nothing is bumped (``net.params['conv1'][0].data[...] = W`` costs one repack).
+    """
+    for m in modules:
+        handed = m.__dict__.get("_handed_arrays")
+        if not handed:
+            continue
+        fresh = m.__dict__.pop("_handed_since_push", set())
+        for attr in list(handed):
+            refs = [r for r in handed[attr] if r() is not None]
+            if refs or attr in fresh:
+                torch.autograd.graph.increment_version(getattr(m, attr))
+            if refs:
+                handed[attr] = refs
+            else:
+                del handed[attr]
 
 
 def param_blobs(module: Optional[nn.Module]) -> BlobVec:

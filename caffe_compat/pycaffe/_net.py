@@ -32,7 +32,7 @@ from torch import Tensor
 from caffe_compat.inputs import as_blob_array
 from caffe_compat.insert_splits import Step
 from caffe_compat.pycaffe import _mode
-from caffe_compat.pycaffe._blobs import NetBlob, SplitTopBlob, param_blobs, upload_dirty
+from caffe_compat.pycaffe._blobs import NetBlob, SplitTopBlob, bump_held_params, param_blobs, upload_dirty
 from caffe_compat.pycaffe.layer import BlobVec, Phase
 
 __all__ = ["Net"]
@@ -289,6 +289,7 @@ class Net:
         upload_dirty()
         dev = self._device()
         core = self._core
+        bump_held_params(e.module for e in core.entries if e.module is not None)
         dtype = core.dtype
         feed: Dict[str, Tensor] = {}
         for n, blob in self.blobs.items():

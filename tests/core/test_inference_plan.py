@@ -241,3 +241,84 @@ def test_a_deep_copy_builds_its_own_plan():
     twin = copy.deepcopy(fast)
     blobs_close(run(twin, x), run(exact, x))
     assert twin.__dict__["_inference_plan"][1] is not fast.__dict__["_inference_plan"][1]
+
+
+# ----------------------------------------------------------------------------- ranged (pycaffe)
+def _ranged(net: Net, x: torch.Tensor, start=0, end=None) -> dict:
+    net.forward(data=x, start=start, end=end)   # grad mode on, as in a pycaffe script
+    return {k: v.detach().clone() for k, v in net.blobs.items()}
+
+
+def test_ranged_forward_takes_the_plan(monkeypatch):
+    """pycaffe's net.forward() is Caffe's ForwardFromTo: the plan's groups run there too."""
+    fast, exact = pair(NET)
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    calls = []
+    orig = inference_plan.FusedConv.run
+    monkeypatch.setattr(inference_plan.FusedConv, "run", lambda self, t: calls.append(1) or orig(self, t))
+    got = _ranged(fast, x)
+    assert len(calls) == 3  # c1 (+ bn1, sc1, r1), c2, c3
+    blobs_close(got, _ranged(exact, x))
+
+
+def test_ranged_forward_ending_inside_a_group_keeps_caffes_blob():
+    """A range that stops after c1's BatchNorm leaves c1 holding the BatchNorm's output, not
+    the folded conv + Scale + ReLU: the group runs layer by layer there."""
+    fast, exact = pair(NET)
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(2))
+    got = _ranged(fast, x, end="bn1")
+    ref = _ranged(exact, x, end="bn1")
+    blobs_close({"c1": got["c1"]}, {"c1": ref["c1"]})
+    assert (ref["c1"] < 0).any()  # the ReLU did not run
+    # then on from sc1: the rest of the net as a second range
+    got2 = _ranged(fast, x, start="sc1")
+    blobs_close(got2, _ranged(exact, x, start="sc1"))
+
+
+def test_pycaffe_forward_takes_the_plan(tmp_path):
+    import caffe_compat.pycaffe as caffe
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(NET)
+    fast, exact = pair(NET)
+    w = tmp_path / "w.caffemodel"
+    fast.save_weights(str(w))
+    x = np.random.RandomState(3).randn(2, 4, 9, 9).astype(np.float32)
+    net = caffe.Net(str(proto), str(w), caffe.TEST)
+    out = net.forward(data=x)["prob"].copy()
+    assert "_inference_plan" in net._core.__dict__  # the plan was built by the forward
+    ref = run(exact, torch.from_numpy(x))["prob"].numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pycaffe_weight_edits_through_arrays_reach_the_plan(tmp_path):
+    """numpy writes do not bump torch's version counters: parameters whose arrays the script
+    still holds are marked changed at each forward, dropped arrays cost nothing."""
+    import caffe_compat.pycaffe as caffe
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(NET)
+    fast, exact = pair(NET)
+    w = tmp_path / "w.caffemodel"
+    fast.save_weights(str(w))
+    x = np.random.RandomState(4).randn(2, 4, 9, 9).astype(np.float32)
+    net = caffe.Net(str(proto), str(w), caffe.TEST)
+    net.forward(data=x)
+    held = net.params["c2"][0].data
+    held *= 2                                   # surgery through a held array
+    net.params["ip"][0].data[...] *= 0.5        # through a temporary one
+    got = net.forward(data=x)["prob"].copy()
+    with torch.no_grad():
+        exact.layer("c2").weight.mul_(2)
+        exact.layer("ip").weight.mul_(0.5)
+    ref = run(exact, torch.from_numpy(x))["prob"].numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    ip_w = net._core.layer("ip").weight
+    v = ip_w._version
+    net.forward(data=x)
+    assert ip_w._version == v                   # the temporary array is gone: no more bumps
+    c2_w = net._core.layer("c2").weight
+    v2 = c2_w._version
+    net.forward(data=x)
+    assert c2_w._version > v2                   # still held
+    del held
