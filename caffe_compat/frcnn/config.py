@@ -117,6 +117,9 @@ def _defaults() -> AttrDict:
     T.SNAPSHOT_ITERS = 10000
     T.SNAPSHOT_INFIX = ""
     T.USE_PREFETCH = False
+    #: worker processes building minibatches ahead (caffe_compat.frcnn.prefetch): -1 picks
+    #: (on CUDA up to 4; on the CPU none unless USE_PREFETCH), 0 never
+    T.PREFETCH_WORKERS = -1
     T.BBOX_NORMALIZE_TARGETS = True
     T.BBOX_INSIDE_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
     T.BBOX_NORMALIZE_TARGETS_PRECOMPUTED = False
