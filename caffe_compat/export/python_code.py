@@ -116,14 +116,31 @@ def _wrap(line: str, indent: int, width: int = 100) -> List[str]:
         if depth == 0 and i != len(code) - 1:
             return [line]  # the first bracket closes before the end: not one call
     out = [code[:open_at + 1] + (f"  # {note}" if note else "")]
-    cur = ""
+
+    def pack(items: List[str], pad: str) -> List[str]:
+        lines, cur = [], ""
+        for item in items:
+            piece = f"{cur} {item}," if cur else f"{item},"
+            if cur and indent + len(pad) + len(piece) > width:
+                lines.append(pad + cur)
+                piece = f"{item},"
+            cur = piece
+        return lines + ([pad + cur] if cur else [])
+
+    groups: List[List[str]] = [[]]
     for arg in _split_args(code[open_at + 1:-1]):
-        piece = f"{cur} {arg}," if cur else f"{arg},"
-        if cur and indent + 4 + len(piece) > width:
-            out.append("    " + cur)
-            piece = f"{arg},"
-        cur = piece
-    out.append("    " + cur.rstrip(",") + ")")
+        if indent + 5 + len(arg) > width and arg[0] == "[" and arg[-1] == "]":
+            groups += [["[" + arg], []]  # a long list: one item per slot, on lines of its own
+        else:
+            groups[-1].append(arg)
+    for grp in groups:
+        if grp and grp[0].startswith("[["):
+            out.append("    [")
+            out += pack(_split_args(grp[0][2:-1]), "        ")
+            out.append("    ],")
+        elif grp:
+            out += pack(grp, "    ")
+    out[-1] = out[-1].rstrip(",") + ")"
     return out
 
 
@@ -236,11 +253,6 @@ def _conv(g: _Gen, e) -> None:
     if m.axis != 1 or not 1 <= m.num_spatial <= 3:
         raise _refuse(e, f"only channels on axis 1 and 1 to 3 spatial axes are supported "
                          f"(axis {m.axis}, {m.num_spatial} spatial)")
-    if not m.transposed:
-        for b in e.bottoms:
-            for n, k, p, d in zip(g.shape(b)[2:], m.kernel, m.pad, m.dilation):
-                if n + 2 * p < d * (k - 1) + 1:  # Caffe still gives one output there; torch refuses
-                    raise _refuse(e, f"the input ({n}) is smaller than the kernel extent")
     nd = m.num_spatial
     cls = f"nn.ConvTranspose{nd}d" if m.transposed else f"nn.Conv{nd}d"
     args = [str(m.channels), str(m.num_output), _ints(m.kernel)]
@@ -259,7 +271,17 @@ def _conv(g: _Gen, e) -> None:
         tensors["bias"] = m.bias
     attr = g.module(e, f"{cls}({', '.join(args)})", tensors)
     for b, t in zip(e.bottoms, e.tops):  # bottom i -> top i, shared weights
-        g.lines.append(f"{g.var(t)} = {attr}({g.var(b)})")
+        x = g.var(b)
+        # an input (plus padding) smaller than the kernel: Caffe still gives one output,
+        # reading zeros past the end; torch refuses, so the zeros are written out
+        extra = [0 if m.transposed else max(0, d * (k - 1) + 1 - (n + 2 * p))
+                 for n, k, p, d in zip(g.shape(b)[2:], m.kernel, m.pad, m.dilation)]
+        if any(extra):
+            pads = ", ".join(f"0, {v}" for v in reversed(extra))
+            x = f"F.pad({x}, ({pads}))"
+            g.lines.append(f"{g.var(t)} = {attr}({x})  # zeros past the end, as Caffe reads them")
+        else:
+            g.lines.append(f"{g.var(t)} = {attr}({x})")
 
 
 def _torch_pools_like_caffe(size: int, k: int, s: int, p: int, ceil: bool, padded: bool) -> bool:
@@ -281,14 +303,21 @@ def _pooling(g: _Gen, e) -> None:
     from caffe_compat.layers.vision import AVE, MAX
 
     m = e.module
-    if m.method not in (MAX, AVE):
-        raise _refuse(e, "STOCHASTIC pooling has no Python code generator")
-    if len(e.tops) != 1:
-        raise _refuse(e, "the argmax (mask) top has no Python code generator")
     x = g.var(e.bottoms[0])
+    if m.method not in (MAX, AVE):  # STOCHASTIC: at test time, a self-weighted average
+        g.uses_runtime = True
+        _, _, H, W = g.shape(e.bottoms[0])
+        kernel, stride = ((H, W), (1, 1)) if m.global_pooling else (m.kernel, m.stride)
+        g.emit(e, f"rt.stochastic_pool2d({x}, kernel=({kernel[0]}, {kernel[1]}), "
+                  f"stride=({stride[0]}, {stride[1]}), ceil={m.ceil})")
+        return
+    mask = len(e.tops) == 2
     fn = "F.max_pool2d" if m.method == MAX else "F.avg_pool2d"
     if m.global_pooling:  # the kernel is the whole map
-        g.emit(e, f"{fn}({x}, {x}.shape[2:])")
+        g.emit(e, f"{fn}({x}, {x}.shape[2:]{', return_indices=True' if mask else ''})")
+        if mask:
+            top, idx = g.var(e.tops[0]), g.var(e.tops[1])
+            g.lines.append(f"{idx} = {idx}.to({top}.dtype)")
         return
     _, _, H, W = g.shape(e.bottoms[0])
     (kh, kw), (sh, sw), (ph, pw) = m.kernel, m.stride, m.pad
@@ -302,8 +331,17 @@ def _pooling(g: _Gen, e) -> None:
             args.append(f"padding={_ints(m.pad)}")
         if m.ceil:
             args.append("ceil_mode=True")  # Caffe rounds pooled sizes up
+        if mask:  # Caffe's argmax top: the flat index in the input plane, as a float
+            args.append("return_indices=True")
+            g.emit(e, f"{fn}({', '.join(args)})")
+            top, idx = g.var(e.tops[0]), g.var(e.tops[1])
+            g.lines.append(f"{idx} = {idx}.to({top}.dtype)")
+            return
         g.emit(e, f"{fn}({', '.join(args)})")
         return
+    if mask:
+        raise _refuse(e, "the argmax (mask) top of a pooling torch sizes differently has no Python "
+                         "code generator")
     g.uses_runtime = True
     method = '"max"' if m.method == MAX else '"ave"'
     g.emit(e, f"rt.pool2d({x}, {method}, kernel=({kh}, {kw}), stride=({sh}, {sw}), "
@@ -368,13 +406,19 @@ def _scale(g: _Gen, e) -> None:
     x = g.var(e.bottoms[0])
     nd = len(g.shape(e.bottoms[0]))
     if len(e.bottoms) == 2:
-        if m.bias_term:
-            raise _refuse(e, "a learned bias with a second bottom has no Python code generator")
         s_shape = g.shape(e.bottoms[1])
         axis = 0 if not s_shape else canonical_axis(m.axis_param, nd)
         tail = nd - axis - len(s_shape)
         s = g.var(e.bottoms[1])
-        g.emit(e, f"{x} * {s}" if tail == 0 else f"{x} * {s}.reshape({s}.shape + (1,) * {tail})")
+        expr = f"{x} * {s}" if tail == 0 else f"{x} * {s}.reshape({s}.shape + (1,) * {tail})"
+        if m.bias_term:  # the learned bias, shaped like bottom[1], added after the product
+            b = m.bias
+            g.uses_runtime = True
+            b_axis = 0 if b.dim() == 0 else canonical_axis(m.axis_param, nd)
+            attr = g.module(e, f"rt.Bias({tuple(int(d) for d in b.shape)!r}, axis={b_axis})", {"bias": b})
+            g.emit(e, f"{attr}({expr})", named=True)
+            return
+        g.emit(e, expr)
         return
     w = m.weight
     axis = 0 if w.dim() == 0 else canonical_axis(m.axis_param, nd)
@@ -507,6 +551,93 @@ def _permute(g: _Gen, e) -> None:
     g.emit(e, f"{g.var(e.bottoms[0])}.permute({', '.join(map(str, order))})")
 
 
+@_gen("Bias")
+def _bias(g: _Gen, e) -> None:
+    from caffe_compat.layers.base import canonical_axis
+
+    m = e.module
+    x = g.var(e.bottoms[0])
+    nd = len(g.shape(e.bottoms[0]))
+    if len(e.bottoms) == 2:
+        b_shape = g.shape(e.bottoms[1])
+        axis = 0 if not b_shape else canonical_axis(m.axis_param, nd)
+        tail = nd - axis - len(b_shape)
+        b = g.var(e.bottoms[1])
+        g.emit(e, f"{x} + {b}" if tail == 0 else f"{x} + {b}.reshape({b}.shape + (1,) * {tail})")
+        return
+    b = m.bias
+    axis = 0 if b.dim() == 0 else canonical_axis(m.axis_param, nd)
+    g.uses_runtime = True
+    attr = g.module(e, f"rt.Bias({tuple(int(d) for d in b.shape)!r}, axis={axis})", {"bias": b})
+    g.emit(e, f"{attr}({x})", named=True)
+
+
+@_gen("Tile")
+def _tile(g: _Gen, e) -> None:
+    from caffe_compat.layers.base import canonical_axis
+
+    nd = len(g.shape(e.bottoms[0]))
+    reps = [1] * nd
+    reps[canonical_axis(e.module.param.tile_param.axis, nd)] = e.module.tiles
+    g.emit(e, f"{g.var(e.bottoms[0])}.repeat({', '.join(map(str, reps))})")
+
+
+@_gen("Reduction")
+def _reduction(g: _Gen, e) -> None:
+    from caffe_compat.layers.base import canonical_axis
+    from caffe_compat.protos import caffe_pb2
+
+    m = e.module
+    red = caffe_pb2.ReductionParameter
+    a = canonical_axis(m.param.reduction_param.axis, len(g.shape(e.bottoms[0])))
+    x = g.var(e.bottoms[0])
+    src = {red.SUM: x, red.MEAN: x, red.ASUM: f"{x}.abs()", red.SUMSQ: f"({x} * {x})"}[m.op]
+    expr = f"{src}.flatten({a}).{'mean' if m.op == red.MEAN else 'sum'}({a})"
+    g.emit(e, expr if m.coeff == 1.0 else f"{expr} * {_num(m.coeff)}")
+
+
+@_gen("MVN")
+def _mvn(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    args = [g.var(e.bottoms[0])]
+    if not m.normalize_variance:
+        args.append("normalize_variance=False")
+    if m.across_channels:
+        args.append("across_channels=True")
+    if np.float32(m.eps) != np.float32(1e-9):
+        args.append(f"eps={_num(m.eps)}")
+    g.emit(e, f"rt.mvn({', '.join(args)})")
+
+
+@_gen("ArgMax")
+def _argmax(g: _Gen, e) -> None:
+    from caffe_compat.layers.base import canonical_axis
+
+    m = e.module
+    g.uses_runtime = True
+    args = [g.var(e.bottoms[0])]
+    if m.top_k != 1:
+        args.append(f"top_k={m.top_k}")
+    if m.out_max_val:
+        args.append("out_max_val=True")
+    if m.has_axis:
+        args.append(f"axis={canonical_axis(m.param.argmax_param.axis, len(g.shape(e.bottoms[0])))}")
+    g.emit(e, f"rt.argmax({', '.join(args)})")
+
+
+@_gen("Embed")
+def _embed(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    tensors = {"weight": m.weight}
+    if m.bias_term:
+        tensors["bias"] = m.bias
+    bias = "" if m.bias_term else ", bias=False"
+    attr = g.module(e, f"rt.Embed({m.input_dim}, {m.num_output}{bias})", tensors)
+    g.emit(e, f"{attr}({g.var(e.bottoms[0])})", named=True)
+
+
 # ---------------------------------------------------------------------------- neurons
 @_gen("ReLU")
 def _relu(g: _Gen, e) -> None:
@@ -572,6 +703,44 @@ def _dropout(g: _Gen, e) -> None:
     g.emit(e, f"{x} * {_num(1.0 / m.scale)}")
 
 
+@_gen("Exp")
+def _exp(g: _Gen, e) -> None:
+    m = e.module  # base ** (shift + scale * x) as Caffe computes it: outer * exp(inner * x)
+    x = g.var(e.bottoms[0])
+    expr = f"torch.exp({x if m.inner_scale == 1.0 else f'{x} * {_num(m.inner_scale)}'})"
+    g.emit(e, expr if m.outer_scale == 1.0 else f"{expr} * {_num(m.outer_scale)}")
+
+
+@_gen("Log")
+def _log(g: _Gen, e) -> None:
+    m = e.module  # log_base(shift + scale * x)
+    u = g.var(e.bottoms[0])
+    if m.scale != 1.0:
+        u = f"{u} * {_num(m.scale)}"
+    if m.shift != 0.0:
+        u = f"{u} + {_num(m.shift)}"
+    expr = f"torch.log({u})"
+    g.emit(e, expr if m.base_scale == 1.0 else f"{expr} * {_num(m.base_scale)}")
+
+
+@_gen("Threshold")
+def _threshold(g: _Gen, e) -> None:
+    x = g.var(e.bottoms[0])
+    g.emit(e, f"({x} > {_num(e.module.threshold)}).to({x}.dtype)")
+
+
+@_gen("Clip")
+def _clip(g: _Gen, e) -> None:
+    g.emit(e, f"torch.clamp({g.var(e.bottoms[0])}, {_num(e.module.min)}, {_num(e.module.max)})")
+
+
+@_gen("Swish")
+def _swish(g: _Gen, e) -> None:
+    x = g.var(e.bottoms[0])
+    b = e.module.beta
+    g.emit(e, f"{x} * torch.sigmoid({x if b == 1.0 else f'{x} * {_num(b)}'})")
+
+
 # ---------------------------------------------------------------------------- Fast/Faster R-CNN
 @_gen("ROIPooling")
 def _roi_pooling(g: _Gen, e) -> None:
@@ -597,6 +766,192 @@ def _proposal(g: _Gen, e) -> None:
         f"feat_stride={m.feat_stride}, scales={seq(m.scales)}, ratios={seq(m.ratios)}, "
         f"pre_nms_top_n={o.pre_nms_top_n}, post_nms_top_n={o.post_nms_top_n}, "
         f"nms_thresh={_num(o.nms_thresh)}, min_size={_num(o.min_size)})  # {e.name}")
+
+
+# ---------------------------------------------------------------------------- SSD
+def _floats(vals: Sequence[float]) -> str:
+    """A tuple of prototxt floats: ``(0.1, 0.2)``, ``(2.0,)``."""
+    vals = [_num(v) for v in vals]
+    return "(" + ", ".join(vals) + ("," if len(vals) == 1 else "") + ")"
+
+
+@_gen("PriorBox")
+def _prior_box(g: _Gen, e) -> None:
+    m = e.module
+    p = m.param.prior_box_param
+    g.uses_runtime = True
+    args = [g.var(b) for b in e.bottoms[:2]]
+    args.append(f"min_sizes={_floats(m.min_sizes)}")
+    if m.max_sizes:
+        args.append(f"max_sizes={_floats(m.max_sizes)}")
+    if len(p.aspect_ratio):
+        args.append(f"aspect_ratios={_floats(p.aspect_ratio)}")
+    if not m.flip:
+        args.append("flip=False")
+    if m.clip:
+        args.append("clip=True")
+    args.append(f"variance={_floats(m.variance)}")
+    if m.img_h and m.img_w:
+        args.append(f"img_size=({m.img_h}, {m.img_w})")
+    if m.step_h and m.step_w:
+        args.append(f"step=({_num(m.step_h)}, {_num(m.step_w)})")
+    if m.offset != 0.5:
+        args.append(f"offset={_num(m.offset)}")
+    g.emit(e, f"rt.prior_box({', '.join(args)})")
+
+
+@_gen("Normalize")
+def _normalize(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    args = [str(m.channels)]
+    if not m.across_spatial:
+        args.append("across_spatial=False")
+    if not m.channel_shared:
+        args.append("channel_shared=False")
+    if np.float32(m.eps) != np.float32(1e-10):
+        args.append(f"eps={_num(m.eps)}")
+    attr = g.module(e, f"rt.Normalize({', '.join(args)})", {"weight": m.weight.reshape(
+        () if m.channel_shared else (m.channels,))})
+    g.emit(e, f"{attr}({g.var(e.bottoms[0])})", named=True)
+
+
+@_gen("DetectionOutput")
+def _detection_output(g: _Gen, e) -> None:
+    from caffe_compat.layers.ssd import _CODE_NAMES, FLT_MAX
+
+    m = e.module
+    g.uses_runtime = True
+    args = [g.var(b) for b in e.bottoms[:3]]  # a 4th bottom (the image) is only visualized
+    args.append(f"num_classes={m.num_classes}")
+    if not m.share_location:
+        args.append("share_location=False")
+    if m.background_label_id != 0:
+        args.append(f"background_label_id={m.background_label_id}")
+    args.append(f'code_type="{_CODE_NAMES[m.code_type]}"')
+    if m.variance_encoded_in_target:
+        args.append("variance_encoded_in_target=True")
+    args.append(f"nms_threshold={_num(m.nms_threshold)}")
+    if m.top_k != -1:
+        args.append(f"top_k={m.top_k}")
+    if m.eta != 1.0:
+        args.append(f"eta={_num(m.eta)}")
+    if m.keep_top_k != -1:
+        args.append(f"keep_top_k={m.keep_top_k}")
+    if m.confidence_threshold != -FLT_MAX:
+        args.append(f"confidence_threshold={_num(m.confidence_threshold)}")
+    g.emit(e, f"rt.detection_output({', '.join(args)})")
+
+
+# ---------------------------------------------------------------------------- the forks' layers
+@_gen("ShuffleChannel")
+def _shuffle_channel(g: _Gen, e) -> None:
+    g.uses_runtime = True
+    g.emit(e, f"rt.shuffle_channel({g.var(e.bottoms[0])}, {e.module.group})")
+
+
+@_gen("Axpy")
+def _axpy(g: _Gen, e) -> None:
+    a, x, y = (g.var(b) for b in e.bottoms)
+    nd = len(g.shape(e.bottoms[1]))
+    if g.shape(e.bottoms[0]) != g.shape(e.bottoms[1])[:2] + (1,) * (nd - 2):
+        a = f"{a}.reshape({x}.shape[:2] + (1,) * {nd - 2})"
+    g.emit(e, f"{a} * {x} + {y}")  # SENet's fused channel scale and shortcut
+
+
+@_gen("BN")
+def _bn(g: _Gen, e) -> None:
+    from caffe_compat.layers.segmentation import PSPNetBN
+
+    m = e.module
+    c = m.channels
+    x = g.var(e.bottoms[0])
+    if len(g.shape(e.bottoms[0])) != 4:
+        raise _refuse(e, "only a 4-D bottom has a Python code generator")
+    if isinstance(m, PSPNetBN):
+        if not m.use_global_stats:
+            raise _refuse(e, "batch statistics at test time have no Python code generator")
+        eps = "" if np.float32(m.eps) == np.float32(1e-5) else f", eps={_num(m.eps)}"
+        tensors = {"weight": m.slope.reshape(c), "bias": m.bias.reshape(c),
+                   "running_mean": m.mean.reshape(c), "running_var": m.variance.reshape(c),
+                   "num_batches_tracked": torch.tensor(0, dtype=torch.long)}
+        attr = g.module(e, f"nn.BatchNorm2d({c}{eps})", tensors)  # PSPNet's stored statistics
+        g.emit(e, f"{attr}({x})", named=True)
+        return
+    if m.learn:
+        raise _refuse(e, "bn_mode LEARN (batch statistics at test time) has no Python code generator")
+    g.uses_runtime = True  # SegNet's INFERENCE mode: scale * x + shift
+    attr = g.module(e, f"rt.Scale(({c},), axis=1, bias=True)",
+                    {"weight": m.scale.reshape(c), "bias": m.shift.reshape(c)})
+    g.emit(e, f"{attr}({x})", named=True)
+
+
+@_gen("Upsample")
+def _upsample(g: _Gen, e) -> None:
+    from caffe_compat.layers.segmentation import UnpoolUpsample
+
+    m = e.module
+    x = g.var(e.bottoms[0])
+    if not isinstance(m, UnpoolUpsample):  # the YOLO ports': nearest neighbour
+        s = m.scale
+        g.emit(e, x if s == 1 else f"{x}.repeat_interleave({s}, dim=2).repeat_interleave({s}, dim=3)")
+        return
+    g.uses_runtime = True
+    if m.upsample_hw is not None:
+        size = f"({m.upsample_hw[0]}, {m.upsample_hw[1]})"
+    else:
+        dims = [f"{x}.shape[{2 + i}] * {m.scale_hw[i]}" + (f" - {m.pad_out[i]}" if m.pad_out[i] else "")
+                for i in range(2)]
+        size = f"({dims[0]}, {dims[1]})"
+    g.emit(e, f"rt.unpool({x}, {g.var(e.bottoms[1])}, {size})")
+
+
+@_gen("Interp")
+def _interp(g: _Gen, e) -> None:
+    m = e.module
+    if m.pad_beg or m.pad_end:
+        raise _refuse(e, "interp_param.pad_beg/pad_end have no Python code generator")
+    x = g.var(e.bottoms[0])
+    if len(e.bottoms) == 2:
+        size = f"{g.var(e.bottoms[1])}.shape[2:]"
+    elif m.has["height"] and m.has["width"] and not (m.has["zoom_factor"] or m.has["shrink_factor"]):
+        size = f"({m.height}, {m.width})"
+    else:
+        dims = []
+        for i in (2, 3):
+            d = f"{x}.shape[{i}]"
+            if m.has["shrink_factor"]:
+                d = f"({d} - 1) // {m.shrink} + 1"
+            if m.has["zoom_factor"]:
+                d = f"{d} * {m.zoom} - {m.zoom - 1}" if not m.has["shrink_factor"] else \
+                    f"({d}) * {m.zoom} - {m.zoom - 1}"
+            dims.append(d)
+        size = f"({dims[0]}, {dims[1]})"
+    # Caffe's Interp maps corner onto corner
+    g.emit(e, f'F.interpolate({x}, size={size}, mode="bilinear", align_corners=True)')
+
+
+@_gen("PSROIPooling")
+def _psroi_pooling(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    g.emit(e, f"rt.psroi_pool({g.var(e.bottoms[0])}, {g.var(e.bottoms[1])}, output_dim={m.output_dim}, "
+              f"group_size={m.group_size}, spatial_scale={_num(m.spatial_scale)})")
+
+
+@_gen("Reorg")
+def _reorg(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    rev = ", reverse=True" if m.reverse else ""
+    g.emit(e, f"rt.reorg({g.var(e.bottoms[0])}, {m.stride}{rev})")
+
+
+@_gen("Region")
+def _region(g: _Gen, e) -> None:
+    m = e.module
+    g.uses_runtime = True
+    g.emit(e, f"rt.region({g.var(e.bottoms[0])}, num={m.num}, coords={m.coords}, classes={m.classes})")
 
 
 # ---------------------------------------------------------------------------- whole net

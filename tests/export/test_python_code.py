@@ -2,7 +2,11 @@
 
 Each net is built with seeded random weights (BatchNorm statistics included), run by the
 interpreter's exact path, written out with ``to_python`` and imported from ``tmp_path``;
-every output must agree within 1e-5 (Faster R-CNN: the same proposals, boxes and scores).
+every output must agree within 1e-5 (Faster R-CNN: the same proposals, boxes and scores;
+SSD: the same detection rows).  Covered: the corpus classifiers, py-faster-rcnn's test nets,
+models/ssd_tiny/, the fork family nets of tests/layers/test_fork_family_nets.py and two
+coverage nets for the remaining layer types.  The runtime's SSD pieces are also checked
+directly against the SSD layers (ties through keep_top_k, odd PriorBox settings).
 The committed example (docs/examples/) must be what the generator writes today.
 """
 from __future__ import annotations
@@ -164,6 +168,60 @@ def test_faster_rcnn_test_net(model: str, tmp_path):
     torch.testing.assert_close(rois, net.blobs["rois"], rtol=0, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------- SSD and fork nets
+def _sibling(path: pathlib.Path, name: str):
+    """Another test module's builders (nets, seeded weights), loaded by path (once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+def _assert_same_detections(ref: torch.Tensor, got: torch.Tensor) -> None:
+    """The same rows in the same order: image, label exact; score and box within 1e-5."""
+    assert got.shape == ref.shape, (tuple(got.shape), tuple(ref.shape))
+    torch.testing.assert_close(got[..., :2], ref[..., :2], rtol=0, atol=0)
+    torch.testing.assert_close(got[..., 2:], ref[..., 2:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["vgg_ssd_deploy.prototxt", "mobilenet_ssd_deploy.prototxt"])
+def test_ssd_tiny(model: str, tmp_path):
+    """SSD's PriorBox, Normalize, Permute and DetectionOutput (decode, per-class NMS,
+    keep_top_k) on the tiny SSD nets, with seeded weights that give real detections."""
+    ssd = _sibling(ROOT / "tests" / "layers" / "test_ssd_opencv.py", "_pycode_ssd_opencv")
+    net = Net(str(ROOT / "models" / "ssd_tiny" / model))
+    ssd.seed_weights(net, 0, 1.0 if "mobilenet" in model else 0.1)
+    ref, got, code = _roundtrip(net, {"data": ssd.synthetic_image(160)}, tmp_path)
+    assert "rt.detection_output(" in code and "rt.prior_box(" in code
+    det = ref["detection_out"]
+    assert det.shape[2] > 3 and len(set(det[0, 0, :, 1].tolist())) > 1  # detections, several labels
+    _assert_same_detections(det, got["detection_out"])
+
+
+FORK_NETS = ["shufflenet_v1", "shufflenet_v2", "mobilenet", "densenet", "se_resnet", "rfcn_head",
+             "enet_segnet", "pspnet", "yolov3_tiny"]
+
+
+@pytest.mark.parametrize("which", FORK_NETS)
+def test_fork_family_net(which: str, tmp_path):
+    """The fork family nets of tests/layers/test_fork_family_nets.py (ShuffleChannel, both
+    depthwise types, ReLU6, Axpy, SegNet's and PSPNet's BN, the pooling mask and unpooling,
+    nearest Upsample, Interp, PSROIPooling), seeded weights and statistics."""
+    forks = _sibling(ROOT / "tests" / "layers" / "test_fork_family_nets.py", "_pycode_fork_nets")
+    text = forks.rfcn_head(len(forks.RFCN_ROIS)) if which == "rfcn_head" else getattr(forks, which)()
+    net = Net(text, phase="test", seed=3)
+    forks.randomize_statistics(net, 3)
+    gen = np.random.RandomState(4)
+    inputs = {n: (gen.randn(*net.blob_shapes[n]) * 3).astype(np.float32) for n in net.input_names}
+    if which == "rfcn_head":
+        inputs["rois"] = forks.RFCN_ROIS
+    ref, got, code = _roundtrip(net, inputs, tmp_path)
+    _assert_same(ref, got)
+    assert "caffe_compat" not in code
+
+
 # ---------------------------------------------------------------------------- layer coverage
 COVERAGE_NET = """
 name: "coverage-net"
@@ -220,6 +278,60 @@ layer { name: "shared_prelu" type: "PReLU" bottom: "h1b" top: "h1b" prelu_param 
 layer { name: "bn_batch" type: "BatchNorm" bottom: "leaky" top: "bnb" batch_norm_param { use_global_stats: false } }
 layer { name: "silence" type: "Silence" bottom: "p1" }
 """
+
+
+MORE_NET = """
+name: "more-layers"
+input: "data" input_shape { dim: 2 dim: 4 dim: 6 dim: 8 }
+input: "ids" input_shape { dim: 2 dim: 3 }
+input: "s" input_shape { dim: 2 dim: 4 }
+layer { name: "bias" type: "Bias" bottom: "data" top: "b1" }
+layer { name: "bias2" type: "Bias" bottom: "b1" bottom: "s" top: "b2" bias_param { axis: 0 } }
+layer { name: "exp" type: "Exp" bottom: "b2" top: "exp" exp_param { base: 2 scale: 0.5 shift: 0.3 } }
+layer { name: "exp_e" type: "Exp" bottom: "b2" top: "exp_e" }
+layer { name: "abs" type: "AbsVal" bottom: "b2" top: "abs" }
+layer { name: "log" type: "Log" bottom: "abs" top: "log" log_param { base: 10 scale: 2 shift: 1 } }
+layer { name: "thr" type: "Threshold" bottom: "b2" top: "thr" threshold_param { threshold: 0.25 } }
+layer { name: "clip" type: "Clip" bottom: "b2" top: "clip" clip_param { min: -0.5 max: 0.7 } }
+layer { name: "swish" type: "Swish" bottom: "b2" top: "swish" swish_param { beta: 1.5 } }
+layer { name: "swish1" type: "Swish" bottom: "b2" top: "swish1" }
+layer { name: "sum" type: "Reduction" bottom: "b2" top: "sum" reduction_param { axis: 2 } }
+layer { name: "asum" type: "Reduction" bottom: "b2" top: "asum" reduction_param { operation: ASUM axis: 1 coeff: 0.5 } }
+layer { name: "sumsq" type: "Reduction" bottom: "b2" top: "sumsq" reduction_param { operation: SUMSQ axis: -1 } }
+layer { name: "mean" type: "Reduction" bottom: "b2" top: "mean" reduction_param { operation: MEAN coeff: 3 } }
+layer { name: "am" type: "ArgMax" bottom: "b2" top: "am" argmax_param { top_k: 3 out_max_val: true } }
+layer { name: "am_axis" type: "ArgMax" bottom: "thr" top: "am_axis" argmax_param { axis: 1 top_k: 2 } }
+layer { name: "am1" type: "ArgMax" bottom: "b2" top: "am1" }
+layer { name: "tile" type: "Tile" bottom: "b2" top: "tile" tile_param { axis: 2 tiles: 3 } }
+layer { name: "mvn" type: "MVN" bottom: "b2" top: "mvn" }
+layer { name: "mvn_ac" type: "MVN" bottom: "b2" top: "mvn_ac" mvn_param { across_channels: true normalize_variance: false } }
+layer { name: "embed" type: "Embed" bottom: "ids" top: "embed" embed_param { num_output: 5 input_dim: 7 } }
+layer { name: "sc_bias" type: "Scale" bottom: "data" bottom: "s" top: "scb" scale_param { axis: 0 bias_term: true } }
+layer { name: "stoch" type: "Pooling" bottom: "abs" top: "stoch" pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 } }
+layer { name: "gmax" type: "Pooling" bottom: "b2" top: "gmax" top: "gmax_mask" pooling_param { pool: MAX global_pooling: true } }
+layer { name: "reorg" type: "Reorg" bottom: "data" top: "reorg" reorg_param { stride: 2 } }
+layer { name: "region_in" type: "Convolution" bottom: "reorg" top: "rin" convolution_param { num_output: 16 kernel_size: 1 } }
+layer { name: "small" type: "Convolution" bottom: "data" top: "small"
+  convolution_param { num_output: 2 kernel_h: 7 kernel_w: 3 stride: 2 } }
+layer { name: "norm" type: "Normalize" bottom: "b2" top: "norm" norm_param { channel_shared: true eps: 0.001 } }
+layer { name: "prior" type: "PriorBox" bottom: "b2" top: "prior" prior_box_param { min_size: 3.5 max_size: 5
+  aspect_ratio: 0.5 flip: false clip: true variance: 0.2 img_h: 12 img_w: 15 step_h: 2 step_w: 2.5 offset: 0.25 } }
+layer { name: "region" type: "Region" bottom: "rin" top: "region" region_param { classes: 3 coords: 4 num: 2 } }
+"""
+
+
+def test_more_layer_types(tmp_path):
+    net = Net(MORE_NET)
+    _randomize(net, seed=4)
+    inputs = {"data": _image((2, 4, 6, 8), 7), "ids": np.array([[0, 6, 3.7], [2, 2, 5]], np.float32),
+              "s": _image((2, 4), 8)}
+    inputs["data"][0, 0, 0, :4] = 0.5  # ties for ArgMax
+    ref, got, code = _roundtrip(net, inputs, tmp_path)
+    _assert_same(ref, got)
+    assert "rt.stochastic_pool2d(abs, kernel=(3, 3), stride=(2, 2), ceil=True)" in code
+    assert "small = self.small(F.pad(data, (0, 0, 0, 1)))" in code  # 6 rows < kernel 7: one output
+    assert ref["small"].shape == (2, 2, 1, 3)
+    assert "caffe_compat" not in code
 
 
 def _coverage_net() -> Net:
@@ -289,13 +401,13 @@ def test_state_dict_keys_are_the_safetensors_names(tmp_path):
 def test_unsupported_layer_named(tmp_path):
     from caffe_compat.export.graph import ExportError
 
-    net = Net('input: "x" input_shape { dim: 2 dim: 3 }\n'
-              'layer { name: "am" type: "ArgMax" bottom: "x" top: "y" }\n'
-              'layer { name: "emb" type: "Embed" bottom: "y" top: "z" embed_param { num_output: 2 input_dim: 3 } }')
+    net = Net('input: "x" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }\n'
+              'layer { name: "i2c" type: "Im2col" bottom: "x" top: "y" convolution_param { kernel_size: 1 } }\n'
+              'layer { name: "spp" type: "SPP" bottom: "y" top: "z" spp_param { pyramid_height: 1 } }')
     with pytest.raises(ExportError) as info:
         to_python(net, str(tmp_path / "m.py"))
     msg = str(info.value)
-    assert "'ArgMax' (layer 'am')" in msg and "'Embed' (layer 'emb')" in msg
+    assert "'Im2col' (layer 'i2c')" in msg and "'SPP' (layer 'spp')" in msg
     assert not (tmp_path / "m.py").exists()
     train = Net('input: "x" input_shape { dim: 2 dim: 3 }\n'
                 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }', phase="train")
@@ -365,3 +477,65 @@ def test_runtime_nms_and_roi_pool_match_the_library(tmp_path):
     rois[:5, 1:] = torch.tensor([8.0, 24.0, 40.0, 56.0])  # corners at .5 after * 1/16
     want, _ = roi_pool_forward(x, rois, 3, 4, 1.0 / 16, backend="torch")
     torch.testing.assert_close(rt.roi_pool(x, rois, 3, 4, 1.0 / 16), want, rtol=0, atol=0)
+
+
+def _runtime(tmp_path: pathlib.Path):
+    """The runtime module as it is written beside a generated model, imported from there."""
+    (tmp_path / f"{RUNTIME_MODULE}.py").write_text(python_code.runtime_source())
+    sys.modules.pop(RUNTIME_MODULE, None)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import caffe_runtime as rt
+    finally:
+        sys.path.remove(str(tmp_path))
+    return rt
+
+
+@pytest.mark.parametrize("case", ["shared_center", "per_class_corner", "corner_size_eta"])
+def test_runtime_detection_output_ties_and_keep_top_k(case: str, tmp_path):
+    """The runtime's DetectionOutput against the SSD layer's: quantized scores (many ties),
+    a keep_top_k cut through them (libstdc++'s unstable sort decides), top_k, eta."""
+    from caffe_compat.layers.ssd import detection_output
+
+    rt = _runtime(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    n, p, c = 2, 60, 4
+    xy = torch.rand(p, 2, generator=g) * 0.8
+    priors = torch.cat([xy, xy + 0.05 + torch.rand(p, 2, generator=g) * 0.3], 1)
+    var = torch.tensor([0.1, 0.1, 0.2, 0.2]).repeat(p, 1)
+    prior = torch.stack([priors.reshape(-1), var.reshape(-1)]).unsqueeze(0)
+    share = case != "per_class_corner"
+    loc = torch.randn(n, p * (1 if share else c) * 4, generator=g) * 0.5
+    conf = (torch.randint(0, 8, (n, p * c), generator=g).float() / 8)  # ties everywhere
+    kw = {"shared_center": dict(code_type=2, nms_threshold=0.45, keep_top_k=17, confidence_threshold=0.2),
+          "per_class_corner": dict(code_type=1, share_location=False, background_label_id=-1,
+                                   nms_threshold=0.5, top_k=20, keep_top_k=23),
+          "corner_size_eta": dict(code_type=3, nms_threshold=0.7, eta=0.9, keep_top_k=40,
+                                  confidence_threshold=0.1)}[case]
+    want = detection_output(loc, conf, prior, num_classes=c, **kw)
+    names = {1: "CORNER", 2: "CENTER_SIZE", 3: "CORNER_SIZE"}
+    got = rt.detection_output(loc, conf, prior, num_classes=c, **dict(kw, code_type=names[kw["code_type"]]))
+    assert want.shape[2] == kw["keep_top_k"] * n or want.shape[2] > 10
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_runtime_prior_box_matches_the_layer(tmp_path):
+    """Odd PriorBox settings (fractional and repeated sizes and ratios, 1 variance, steps,
+    offset, clip) against the SSD layer's priors, bit for bit."""
+    rt = _runtime(tmp_path)
+    net = Net('input: "f" input_shape { dim: 1 dim: 2 dim: 3 dim: 5 }\n'
+              'input: "im" input_shape { dim: 1 dim: 3 dim: 37 dim: 61 }\n'
+              'layer { name: "a" type: "PriorBox" bottom: "f" bottom: "im" top: "a" prior_box_param {'
+              ' min_size: 10.5 min_size: 20 max_size: 21 max_size: 33.3 aspect_ratio: 2 aspect_ratio: 2.0000001'
+              ' aspect_ratio: 0.3 flip: true clip: true variance: 0.15 offset: 0.3 } }\n'
+              'layer { name: "b" type: "PriorBox" bottom: "f" top: "b" prior_box_param {'
+              ' min_size: 7 aspect_ratio: 3 flip: false img_h: 40 img_w: 50 step_h: 9.5 step_w: 11'
+              ' variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }')
+    out = net.forward(f=torch.zeros(1, 2, 3, 5), im=torch.zeros(1, 3, 37, 61))
+    f, im = torch.zeros(1, 2, 3, 5), torch.zeros(1, 3, 37, 61)
+    a = rt.prior_box(f, im, min_sizes=(10.5, 20), max_sizes=(21, 33.3), aspect_ratios=(2, 2.0000001, 0.3),
+                     clip=True, variance=(0.15,), offset=0.3)
+    b = rt.prior_box(f, min_sizes=(7,), aspect_ratios=(3,), flip=False, img_size=(40, 50), step=(9.5, 11),
+                     variance=(0.1, 0.1, 0.2, 0.2))
+    torch.testing.assert_close(a, out["a"], rtol=0, atol=0)
+    torch.testing.assert_close(b, out["b"], rtol=0, atol=0)
