@@ -46,7 +46,7 @@ __all__ = [
     "FORMATS", "parse_formats", "load_solver_param", "train_net_param", "resolve_net_paths",
     "seed_everything", "read_state_extras", "TrainSolver", "stop_on_signals", "TrainResult",
     "finish_outputs", "HookBase", "TrainerBase", "ProgressHook", "ResumeHook", "SignalHook",
-    "PeriodicSnapshotHook", "default_hooks", "run_trainer", "train_plain", "EXTRAS_PREFIX",
+    "PeriodicSnapshotHook", "DistributedHook", "default_hooks", "run_trainer", "train_plain", "EXTRAS_PREFIX",
 ]
 
 log = logging.getLogger("caffe_compat.train")
@@ -289,7 +289,16 @@ class TrainSolver(Solver):
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> Tuple[str, str]:
         """Write the weights in every format (as :meth:`deploy_weights` has them) and a
-        .solverstate (``snapshot_format: HDF5``: Caffe's .caffemodel.h5 and .solverstate.h5)."""
+        .solverstate (``snapshot_format: HDF5``: Caffe's .caffemodel.h5 and .solverstate.h5).
+
+        In a distributed run only rank 0 writes (every rank holds the same weights); the
+        others note the iteration and the names rank 0 writes."""
+        if self.dist is not None and not self.dist.is_main:
+            hdf5 = self._hdf5_snapshots
+            model = self.snapshot_filename(".caffemodel.h5" if hdf5 else FORMATS[self.formats[0]])
+            self._last_snapshot_iter = self.iter
+            self.snapshot_paths.append(model)
+            return model, self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
         if self._hdf5_snapshots:
             for ext in (".caffemodel.h5", ".solverstate.h5"):
                 self._refuse_overwriting_inputs(self.snapshot_filename(ext))
@@ -517,9 +526,11 @@ class ProgressHook(HookBase):
     the loss curve ``<folder>/<stem>_loss.png`` and ``.csv`` at the end."""
 
     def __init__(self, max_iter: int, folder: str, stem: str, *, enabled: bool = True,
-                 stream: Any = None) -> None:
+                 stream: Any = None, outputs: bool = True) -> None:
         self.monitor = TrainingMonitor(int(max_iter), stream=stream, enabled=enabled)
         self.folder, self.stem = folder, stem
+        #: write the loss curve at the end (False on the ranks other than 0)
+        self.outputs = bool(outputs)
         self.loss_curve: Optional[str] = None
         self.loss_csv: Optional[str] = None
 
@@ -531,6 +542,8 @@ class ProgressHook(HookBase):
 
     def after_train(self) -> None:
         self.monitor.close()
+        if not self.outputs:
+            return
         self.loss_curve, self.loss_csv = finish_outputs(self.monitor, self.folder, self.stem,
                                                         f"{self.stem}: training loss")
 
@@ -591,15 +604,35 @@ class PeriodicSnapshotHook(HookBase):
         log.info("done solving")
 
 
+class DistributedHook(HookBase):
+    """One rank of a distributed run (:mod:`caffe_compat.distributed`), after a resume: the
+    weights of rank 0 on every rank, and this rank's own random streams (a restored state
+    holds rank 0's)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def before_train(self) -> None:
+        from caffe_compat.distributed import broadcast_params, reseed_rank
+
+        s = self.trainer.solver
+        broadcast_params(s.net, self.ctx)
+        reseed_rank(s, self.ctx)
+
+
 def default_hooks(max_iter: int, folder: str, stem: str, *, resume: Optional[str] = None,
                   progress: bool = True, progress_stream: Any = None,
-                  handle_signals: bool = True) -> List[HookBase]:
+                  handle_signals: bool = True, dist: Any = None) -> List[HookBase]:
     """What every training command has: progress and loss curve, ``resume`` restored first,
-    SIGINT/SIGTERM -> snapshot and stop."""
-    hooks: List[HookBase] = [ProgressHook(max_iter, folder, stem, enabled=progress,
-                                          stream=progress_stream)]
+    SIGINT/SIGTERM -> snapshot and stop; in a distributed run (``dist``, a
+    :class:`~caffe_compat.distributed.DistContext`) progress and the loss curve on rank 0 only."""
+    main = dist is None or dist.is_main
+    hooks: List[HookBase] = [ProgressHook(max_iter, folder, stem, enabled=progress and main,
+                                          stream=progress_stream, outputs=main)]
     if resume:
         hooks.append(ResumeHook(resume))
+    if dist is not None and dist.distributed:
+        hooks.append(DistributedHook(dist))
     if handle_signals:
         hooks.append(SignalHook())
     return hooks
@@ -624,11 +657,14 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
                 max_iter: Optional[int] = None, device: Any = None,
                 formats: Sequence[str] = ("caffemodel",), output_dir: Optional[str] = None,
                 progress: bool = True, progress_stream: Any = None,
-                handle_signals: bool = True, precision: str = "fp32") -> TrainResult:
+                handle_signals: bool = True, precision: str = "fp32", dist: Any = None) -> TrainResult:
     """``caffe train``: run the solver (its nets read their own data layers) to ``max_iter``
     (the solver's unless given), snapshotting as the solver says
     (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given).  ``precision``: see
-    :func:`caffe_compat.precision.install_training_precision` (fp32 is Caffe's numbers)."""
+    :func:`caffe_compat.precision.install_training_precision` (fp32 is Caffe's numbers).
+    ``dist``: this process's :class:`~caffe_compat.distributed.DistContext` in a distributed
+    run (its process group joined): gradients summed over the ranks, the data layers
+    sharded, rank 0 logging and snapshotting."""
     param = load_solver_param(solver)
     if max_iter is not None:
         param.max_iter = int(max_iter)
@@ -637,8 +673,18 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
         from caffe_compat.precision import install_training_precision
 
         install_training_precision(s, precision)
+    if dist is not None:
+        from caffe_compat.distributed import install, seed_data_layers
+
+        install(s, dist, broadcast=False)  # DistributedHook broadcasts, after any resume
+        seed_data_layers(s.net, dist, int(s.param.iter_size))
     folder = output_dir or os.path.dirname(os.path.abspath(s.prefix))
     hooks = default_hooks(int(s.param.max_iter), folder, os.path.basename(s.prefix) or "train",
                           resume=resume, progress=progress, progress_stream=progress_stream,
-                          handle_signals=handle_signals)
-    return run_trainer(TrainerBase(s, hooks))
+                          handle_signals=handle_signals, dist=dist)
+    result = run_trainer(TrainerBase(s, hooks))
+    if dist is not None:  # every rank returns once rank 0's snapshots are written
+        from caffe_compat.distributed import barrier
+
+        barrier(dist)
+    return result

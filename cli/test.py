@@ -5,6 +5,10 @@
   detections as ``.npz``.
 * Without: Caffe's ``caffe test --model NET --weights W --iterations N``
   (:func:`caffe_compat.score.caffe_test`).
+
+``--imdb ... --gpus 0,1|all|cpu:N`` tests with one process per device
+(:mod:`caffe_compat.distributed`): each takes a share of the images, rank 0 gathers the
+detections and evaluates once (under torchrun: one rank per worker).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import click
 
 from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (batch_option, cfg_options, check_file, config_scope, extra_args,
-                                      gpu_option, precision_option, python_layers_option, state_options)
+                                      gpu_option, gpus_options, precision_option, python_layers_option,
+                                      state_options)
 
 __all__ = ["echo_ap"]
 
@@ -57,28 +62,46 @@ def echo_ap(result: Mapping[str, Any]) -> None:
 @precision_option()
 @state_options
 @python_layers_option()
+@gpus_options
 @click.pass_context
 @writes("output_dir")
 @friendly
 def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_mode, max_per_image,
                  thresh, vis, output_dir, rpn_file, iterations, batch, precision, stages, level,
-                 allow_python_layers):
+                 allow_python_layers, gpus, dist_timeout, sync_batchnorm):
     """Test MODEL with WEIGHTS: detection mAP on --imdb, or Caffe's averaged outputs."""
+    import contextlib
+    import os
+    import sys
+
     from caffe_compat.device import resolve_device
+    from caffe_compat.distributed import launch, resolve_gpus
+    from caffe_compat.errors import SchemaError
 
     check_file(model, "net definition", "--model")
     check_file(weights, "weights file (a trained model is needed to score)", "--weights")
-    with config_scope(cfg_file, set_pairs, ctx.args, gpu, frcnn=bool(imdb_name)):
-        device = resolve_device(gpu)
+    devices, dist = resolve_gpus(gpus, gpu, os.environ if imdb_name else {}, timeout_s=dist_timeout)
+    if devices is not None and not imdb_name:
+        raise SchemaError("--gpus shards the images of --imdb; Caffe's `caffe test` runs on one device (--gpu)")
+    if dist is None and devices is not None:   # several devices: start one worker per device
+        launch(sys.argv[1:], len(devices), timeout_s=dist_timeout)
+        return
+    main_rank = dist is None or dist.is_main
+    say = click.echo if main_rank else (lambda *a, **k: None)
+    with (dist.session() if dist is not None else contextlib.nullcontext()), \
+            config_scope(cfg_file, set_pairs, ctx.args, gpu, frcnn=bool(imdb_name)):
+        device = resolve_device(gpu) if dist is None else dist.device
         if imdb_name:
             from caffe_compat.frcnn.test import test_imdb
 
-            echo_ap(test_imdb(model, weights, imdb_name, device=device, comp_mode=comp_mode,
-                              max_per_image=max_per_image, thresh=thresh, vis=vis,
-                              output_dir=output_dir, rpn_file=rpn_file, stages=stages, level=level,
-                              allow_python_layers=allow_python_layers or None, batch=batch,
-                              precision=precision, log_fn=click.echo,
-                              note_fn=lambda line: click.echo(line, err=True)))
+            result = test_imdb(model, weights, imdb_name, device=device, comp_mode=comp_mode,
+                               max_per_image=max_per_image, thresh=thresh, vis=vis,
+                               output_dir=output_dir, rpn_file=rpn_file, stages=stages, level=level,
+                               allow_python_layers=allow_python_layers or None, batch=batch,
+                               precision=precision, log_fn=say,
+                               note_fn=lambda line: say(line, err=True), dist=dist)
+            if main_rank:
+                echo_ap(result)
         else:
             from caffe_compat.net import Net
             from caffe_compat.score import caffe_test

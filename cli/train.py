@@ -7,9 +7,16 @@ nets with its ``RoIDataLayer``; ``train-alt-opt`` follows
 overrides (``--set EXP_DIR foo TRAIN.SCALES "(400,)"``), in force for the command only.
 Exit status: 0 when training finished, 130/143 when SIGINT/SIGTERM stopped it (after
 writing a snapshot), 1 or 2 on errors.
+
+``--gpus 0,1|all|cpu:N`` trains with one process per device (Caffe's ``-gpu 0,1`` / ``all``;
+:mod:`caffe_compat.distributed`): this process starts the workers (torchrun's launcher) and
+waits; each worker runs this same command with torchrun's RANK/WORLD_SIZE/LOCAL_RANK, as
+``torchrun --nnodes N --nproc_per_node G -m caffe_compat.cli train ...`` runs it on many
+machines.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -17,7 +24,7 @@ import click
 
 from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (SET_HELP, cfg_options, config_scope, extra_args, gpu_option,
-                                      precision_option)
+                                      gpus_options, precision_option)
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -56,6 +63,7 @@ def _common(fn):
                      help="Snapshot weights format(s)."),
         click.option("--progress/--no-progress", default=True, show_default=True,
                      help="Progress bar with ETA on a terminal (plain progress lines otherwise)."),
+        gpus_options,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -88,16 +96,36 @@ def _report(result, what: str = "training") -> None:
 @writes("output_dir")
 @friendly
 def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name,
-                  gpu, randomize, output_dir, fmt, progress, precision):
+                  gpu, randomize, output_dir, fmt, progress, gpus, dist_timeout, sync_batchnorm, precision):
     """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
-    from caffe_compat.device import resolve_device
-    from caffe_compat.progress import setup_logging
-    from caffe_compat.trainer import load_solver_param, parse_formats, train_plain
+    import os
+
+    from caffe_compat.distributed import launch, resolve_gpus
 
     if resume and pretrained_model:
         raise click.UsageError("give --snapshot to resume training or --weights to fine-tune, not both "
                                "(as caffe train)")
+    devices, dist = resolve_gpus(gpus, gpu, os.environ, timeout_s=dist_timeout,
+                                 sync_batchnorm=sync_batchnorm)
+    if dist is None and devices is not None:   # --gpus with several devices: start the workers
+        launch(sys.argv[1:], len(devices), timeout_s=dist_timeout)
+        return
+    with (dist.session() if dist is not None else contextlib.nullcontext()):
+        _train(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name, gpu,
+               randomize, output_dir, fmt, progress, precision, dist)
+
+
+def _train(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name, gpu,
+           randomize, output_dir, fmt, progress, precision, dist) -> None:
+    """The training itself (one process, or one rank of a distributed run: ``dist``)."""
+    from caffe_compat.device import resolve_device
+    from caffe_compat.distributed import worker_logging
+    from caffe_compat.progress import setup_logging
+    from caffe_compat.trainer import load_solver_param, parse_formats, train_plain
+
     setup_logging()
+    if dist is not None:
+        worker_logging(dist)
     log = logging.getLogger("caffe_compat.train")
     log.info("Called with args: solver=%s weights=%s snapshot=%s iters=%s imdb=%s cfg=%s set=%s "
              "gpu=%s rand=%s output=%s format=%s", solver, pretrained_model, resume, max_iters,
@@ -105,7 +133,7 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
              randomize, output_dir, fmt)
     frcnn = _uses_roidb(load_solver_param(solver))
     with config_scope(cfg_file, set_pairs, ctx.args, gpu, frcnn=frcnn):
-        device = resolve_device(gpu)
+        device = resolve_device(gpu) if dist is None else dist.device
         formats = parse_formats(fmt)
         if frcnn:
             from caffe_compat.frcnn.train import train_from_solver
@@ -113,12 +141,13 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
             result = train_from_solver(solver, imdb_name, pretrained_model=pretrained_model,
                                        resume=resume, max_iters=max_iters, device=device,
                                        formats=formats, randomize=randomize, output_dir=output_dir,
-                                       progress=progress, precision=precision.lower())
+                                       progress=progress, precision=precision.lower(), dist=dist)
         else:
             result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
                                  device=device, formats=formats, output_dir=output_dir,
-                                 progress=progress, precision=precision.lower())
-    _report(result)
+                                 progress=progress, precision=precision.lower(), dist=dist)
+    if dist is None or dist.is_main:
+        _report(result)
     if result.signal:
         sys.exit(_EXIT_FOR_SIGNAL.get(result.signal, 1))
 
@@ -137,23 +166,39 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
 @writes("output_dir")
 @friendly
 def train_alt_opt_command(ctx, net_name, iters, iters_scale, pretrained_model, cfg_file, set_pairs,
-                          imdb_name, gpu, randomize, output_dir, fmt, progress):
+                          imdb_name, gpu, randomize, output_dir, fmt, progress, gpus, dist_timeout,
+                          sync_batchnorm):
     """Train Faster R-CNN by alternating optimization (tools/train_faster_rcnn_alt_opt.py)."""
+    import os
     import pprint
 
     from caffe_compat.device import resolve_device
+    from caffe_compat.distributed import launch, resolve_gpus, worker_logging
     from caffe_compat.frcnn.alt_opt import train_alt_opt
     from caffe_compat.progress import setup_logging
     from caffe_compat.trainer import parse_formats
 
+    devices, dist = resolve_gpus(gpus, gpu, os.environ, timeout_s=dist_timeout,
+                                 sync_batchnorm=sync_batchnorm)
+    if dist is None and devices is not None:   # --gpus with several devices: start the workers
+        launch(sys.argv[1:], len(devices), timeout_s=dist_timeout)
+        return
     setup_logging()
+    if dist is not None:
+        worker_logging(dist)
     log = logging.getLogger("caffe_compat.train")
-    with config_scope(cfg_file, set_pairs, ctx.args, gpu) as cfg:
-        device = resolve_device(gpu)
+    with (dist.session() if dist is not None else contextlib.nullcontext()), \
+            config_scope(cfg_file, set_pairs, ctx.args, gpu) as cfg:
+        device = resolve_device(gpu) if dist is None else dist.device
         log.info("Using config:\n%s", pprint.pformat(dict(cfg)))
         res = train_alt_opt(net_name, imdb_name, pretrained_model=pretrained_model, iters=iters,
                             iters_scale=iters_scale, output_dir=output_dir, device=device,
-                            formats=parse_formats(fmt), randomize=randomize, progress=progress)
+                            formats=parse_formats(fmt), randomize=randomize, progress=progress,
+                            dist=dist)
+    if dist is not None and not dist.is_main:
+        if res.interrupted:
+            sys.exit(_EXIT_FOR_SIGNAL.get(res.signal or "", 1))
+        return
     for stage, path in res.stage_models.items():
         click.echo(f"{stage}: {path}")
     for stage, path in res.proposals.items():

@@ -205,7 +205,39 @@ def _read_image(path: str, new_height: int, new_width: int, is_color: bool) -> O
     return img
 
 
-class _BatchedSource(_DataBase):
+class _Sharded:
+    """A data layer's share of a distributed run's minibatches (:mod:`caffe_compat.distributed`).
+
+    After ``shard(rank, world, iter_size)`` the layer reads only its own minibatches of the
+    one stream every rank walks in the same order: at iteration ``k`` rank ``r`` takes
+    minibatches ``k*world*iter_size + r*iter_size ...`` (``iter_size`` of them) and skips
+    the others' (:meth:`_skip_batch`, no decoding) -- the minibatches one process with
+    ``iter_size*world`` reads at that iteration.  Unsharded: every minibatch.
+    """
+
+    _shard: Optional[Tuple[int, int, int]] = None
+    _own = 0
+
+    def shard(self, rank: int, world: int, iter_size: int) -> None:
+        self._shard = (int(rank), int(world), int(iter_size))
+        self._own = 0
+
+    def _skip_batch(self) -> None:
+        raise NotImplementedError
+
+    def _skip_to_own(self) -> None:
+        if self._shard is None:
+            return
+        r, n, s = self._shard
+        j = self._own
+        self._own += 1
+        here = (j // s) * n * s + r * s + j % s
+        before = -1 if j == 0 else ((j - 1) // s) * n * s + r * s + (j - 1) % s
+        for _ in range(here - before - 1):
+            self._skip_batch()
+
+
+class _BatchedSource(_DataBase, _Sharded):
     """Data/ImageData: a transformer, a batch size, a cursor over items."""
 
     def _start_list(self, lines: list) -> None:
@@ -341,11 +373,23 @@ class Data(_BatchedSource):
             self._next_key = bytes(cur.key())
         return out
 
+    def _skip_batch(self) -> None:
+        """Move past one minibatch of records (another rank's), in key order, wrapping."""
+        with self._env.begin() as txn:
+            cur = txn.cursor()
+            if not cur.set_range(self._next_key):
+                cur.first()
+            for _ in range(self.batch_size):
+                if not cur.next():
+                    cur.first()
+            self._next_key = bytes(cur.key())
+
     def forward(self) -> Tuple[Tensor, ...]:
         if self._env is None:
             self._open()
             if self._env is None:
                 raise self._missing(self._problem or f"cannot read '{self.source}'")
+        self._skip_to_own()
         datums = self._read(self.batch_size)
         images = [self.transformer.decode_datum(d) for d in datums]
         return self._stack(images, [float(d.label) for d in datums])
@@ -417,9 +461,20 @@ class ImageData(_BatchedSource):
             return None
         return hwc_to_chw(img, layer=self.name)
 
+    def _skip_batch(self) -> None:
+        """Move past one minibatch of the list (another rank's), reshuffling at the end as
+        a read would."""
+        for _ in range(self.batch_size):
+            self.pos += 1
+            if self.pos >= len(self.lines):
+                self.pos = 0
+                if self.shuffle:
+                    self._shuffle()
+
     def forward(self) -> Tuple[Tensor, ...]:
         if self.lines is None and not self._open():
             raise self._missing(self._problem)
+        self._skip_to_own()
         images, labels = [], []
         for _ in range(self.batch_size):
             images.append(self._load(self.pos))
@@ -458,7 +513,7 @@ def read_hdf5(path: str, names: Sequence[str]) -> List[np.ndarray]:
 
 
 @register("HDF5Data")
-class HDF5Data(_DataBase):
+class HDF5Data(_DataBase, _Sharded):
     """Rows of the datasets named by the tops, from the HDF5 files listed in ``source``.
 
     Rows are taken in order (or a shuffled order with ``shuffle``), file after file, wrapping
@@ -540,12 +595,18 @@ class HDF5Data(_DataBase):
             if self.shuffle:
                 self.data_perm = self._perm(self._blobs[0].shape[0])
 
+    def _skip_batch(self) -> None:
+        """Move past one minibatch of rows (another rank's)."""
+        for _ in range(self.batch_size):
+            self._next()
+
     def forward(self) -> Tuple[Tensor, ...]:
         if self._blobs is None:
             try:
                 self._open()
             except DataError as e:
                 raise self._missing(e.message) from None
+        self._skip_to_own()
         rows: List[List[np.ndarray]] = [[] for _ in self.top_names]
         for _ in range(self.batch_size):
             r = self.data_perm[self.current_row]

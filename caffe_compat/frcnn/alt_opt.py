@@ -202,6 +202,11 @@ def _keep_last(result: TrainResult) -> None:
         _remove_snapshot(p)
 
 
+def _is_main(dist: Any) -> bool:
+    """Rank 0 of a distributed run (or a single process): the one that owns the files."""
+    return dist is None or dist.is_main
+
+
 def _stage_output_dir(imdb: Any, output_dir: Optional[str]) -> str:
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -226,7 +231,8 @@ def train_rpn(imdb_name: str, init_model: Optional[str], solver: Any, max_iters:
         log.info("Output will be saved to `%s`", out)
         result = train_net(solver, roidb, out, pretrained_model=init_model, max_iters=max_iters,
                            randomize=randomize, **train_kw)
-    _keep_last(result)
+    if _is_main(train_kw.get("dist")):
+        _keep_last(result)
     return result
 
 
@@ -247,7 +253,8 @@ def train_fast_rcnn(imdb_name: str, init_model: Optional[str], solver: Any, max_
         log.info("Output will be saved to `%s`", out)
         result = train_net(solver, roidb, out, pretrained_model=init_model, max_iters=max_iters,
                            randomize=randomize, **train_kw)
-    _keep_last(result)
+    if _is_main(train_kw.get("dist")):
+        _keep_last(result)
     return result
 
 
@@ -284,16 +291,18 @@ def im_proposals(net: Any, im: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return boxes.astype(np.float32), scores.reshape(-1, 1).astype(np.float32)
 
 
-def imdb_proposals(net: Any, imdb: Any) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """Proposals (and scores) of every image of ``imdb``, in its order."""
+def imdb_proposals(net: Any, imdb: Any, indices: Optional[Sequence[int]] = None
+                   ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Proposals (and scores) of every image of ``imdb`` (or of ``indices``), in its order."""
     import cv2
 
     boxes: List[np.ndarray] = []
     scores: List[np.ndarray] = []
-    n = imdb.num_images
+    todo = list(range(imdb.num_images) if indices is None else indices)
+    n = len(todo)
     t0 = time.perf_counter()
     every = max(1, n // 10)
-    for i in range(n):
+    for k, i in enumerate(todo):
         path = imdb.image_path_at(i)
         im = cv2.imread(path)
         if im is None:
@@ -301,17 +310,18 @@ def imdb_proposals(net: Any, imdb: Any) -> Tuple[List[np.ndarray], List[np.ndarr
         b, s = im_proposals(net, im)
         boxes.append(b)
         scores.append(s)
-        if (i + 1) % every == 0 or i + 1 == n:
-            log.info("im_proposals: %d/%d %.3fs", i + 1, n, (time.perf_counter() - t0) / (i + 1))
+        if (k + 1) % every == 0 or k + 1 == n:
+            log.info("im_proposals: %d/%d %.3fs", k + 1, n, (time.perf_counter() - t0) / (k + 1))
     return boxes, scores
 
 
 def rpn_generate(imdb_name: str, rpn_model_path: str, rpn_test_prototxt: str, *,
                  output_dir: Optional[str] = None, device: Any = None,
-                 filename: Optional[str] = None) -> str:
+                 filename: Optional[str] = None, dist: Any = None) -> str:
     """Write the RPN's proposals for every image of ``imdb_name``; returns the ``.npz`` path
     (``<output dir>/<filename>``, default ``<model name>_proposals.npz``; output dir default:
-    ``get_output_dir(imdb)``)."""
+    ``get_output_dir(imdb)``).  ``dist``: each rank proposes for its share of the images,
+    rank 0 gathers and writes them, every rank returns once the file is written."""
     from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.frcnn.datasets.imdb import save_proposals
     from caffe_compat.net import Net
@@ -327,10 +337,21 @@ def rpn_generate(imdb_name: str, rpn_model_path: str, rpn_test_prototxt: str, *,
                   device=device)
         out = _stage_output_dir(imdb, output_dir)
         log.info("Output will be saved to `%s`", out)
-        boxes, scores = imdb_proposals(net, imdb)
         name = os.path.splitext(os.path.basename(rpn_model_path))[0]
         path = os.path.join(out, filename or name + "_proposals.npz")
-        save_proposals(path, boxes, scores)
+        if dist is not None and dist.distributed:
+            from caffe_compat.distributed import barrier, gather_objects, shard_range
+
+            parts = gather_objects(imdb_proposals(net, imdb, shard_range(imdb.num_images, dist.rank,
+                                                                         dist.world_size)), dist)
+            if parts is not None:
+                boxes = [b for part in parts for b in part[0]]
+                scores = [sc for part in parts for sc in part[1]]
+                save_proposals(path, boxes, scores)
+            barrier(dist)
+        else:
+            boxes, scores = imdb_proposals(net, imdb)
+            save_proposals(path, boxes, scores)
     log.info("Wrote RPN proposals to %s", path)
     return path
 
@@ -379,8 +400,10 @@ def train_alt_opt(net_name: str, imdb_name: str = "voc_2007_trainval", *,
                   output_dir: Optional[str] = None, device: Any = None,
                   formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
                   progress: bool = True, progress_stream: Any = None,
-                  handle_signals: bool = True) -> AltOptResult:
-    """Run the six steps; returns the paths written (see the module doc)."""
+                  handle_signals: bool = True, dist: Any = None) -> AltOptResult:
+    """Run the six steps; returns the paths written (see the module doc).  ``dist``: one rank
+    of a distributed run (:mod:`caffe_compat.distributed`): every stage trains on all ranks,
+    proposals are generated on shares of the images, rank 0 writes the files."""
     stage_dir = find_stage_dir(net_name)
     label = _net_label(stage_dir, net_name)
     max_iters = parse_iters(iters, iters_scale)
@@ -388,7 +411,7 @@ def train_alt_opt(net_name: str, imdb_name: str = "voc_2007_trainval", *,
     res = AltOptResult()
     kw: Dict[str, Any] = dict(output_dir=output_dir, device=device, formats=formats,
                               randomize=randomize, progress=progress, progress_stream=progress_stream,
-                              handle_signals=handle_signals, save_state=False)
+                              handle_signals=handle_signals, save_state=False, dist=dist)
     log.info("Stage prototxts: %s; iterations per stage: %s", stage_dir, max_iters)
 
     def stop(result: TrainResult, stage: str) -> bool:
@@ -411,7 +434,7 @@ def train_alt_opt(net_name: str, imdb_name: str = "voc_2007_trainval", *,
             return res
         _banner("Stage 1 RPN, generate proposals")
         res.proposals["stage1"] = rpn_generate(imdb_name, r.final_model, rpn_test,
-                                               output_dir=output_dir, device=device)
+                                               output_dir=output_dir, device=device, dist=dist)
 
         _banner("Stage 1 Fast R-CNN using RPN proposals, init from ImageNet model")
         cfg.TRAIN.SNAPSHOT_INFIX = "stage1"
@@ -427,7 +450,7 @@ def train_alt_opt(net_name: str, imdb_name: str = "voc_2007_trainval", *,
             return res
         _banner("Stage 2 RPN, generate proposals")
         res.proposals["stage2"] = rpn_generate(imdb_name, r.final_model, rpn_test,
-                                               output_dir=output_dir, device=device)
+                                               output_dir=output_dir, device=device, dist=dist)
 
         _banner("Stage 2 Fast R-CNN, init from stage 2 RPN R-CNN model")
         cfg.TRAIN.SNAPSHOT_INFIX = "stage2"
@@ -441,11 +464,12 @@ def train_alt_opt(net_name: str, imdb_name: str = "voc_2007_trainval", *,
     stem, ext = os.path.splitext(last)
     final = os.path.join(os.path.dirname(last), f"{label}_faster_rcnn_final{ext}")
     log.info("cp %s -> %s", last, final)
-    _copy_atomic(last, final)
-    for other in FORMATS.values():   # the other formats of the same snapshot
-        if other != ext and os.path.exists(stem + other):
-            _copy_atomic(stem + other, os.path.join(os.path.dirname(last),
-                                                    f"{label}_faster_rcnn_final{other}"))
+    if _is_main(dist):
+        _copy_atomic(last, final)
+        for other in FORMATS.values():   # the other formats of the same snapshot
+            if other != ext and os.path.exists(stem + other):
+                _copy_atomic(stem + other, os.path.join(os.path.dirname(last),
+                                                        f"{label}_faster_rcnn_final{other}"))
     res.final_model = final
     log.info("Final model: %s", final)
     return res

@@ -374,6 +374,16 @@ def get_minibatch(roidb: Roidb, num_classes: int, rng: Optional[np.random.Genera
     return blobs
 
 
+def build_minibatch(entries: Roidb, num_classes: int, seed: int, slot: int, config: AttrDict,
+                    has_rpn: bool) -> Dict[str, np.ndarray]:
+    """Minibatch ``slot`` of a seeded stream: its random draws (scales, RoI sampling) come
+    from a generator seeded by ``(seed, slot)`` alone, so any process can build it."""
+    from caffe_compat.distributed import slot_seed
+
+    rng = np.random.default_rng(slot_seed(seed, slot))
+    return get_minibatch(entries, num_classes, rng, config, has_rpn)
+
+
 class MinibatchLoader:
     """Endless minibatches over a prepared roidb, as py-faster-rcnn's ``RoIDataLayer``.
 
@@ -384,11 +394,21 @@ class MinibatchLoader:
     then paired, and the pairs shuffled, so 2-image batches share an orientation (and
     padding stays small); an odd entry out is kept as a batch of its own row.
     ``next(loader)`` returns ``{top name: float32 array}``.
+
+    ``shard=(rank, world, iter_size)``: a distributed run's loader (any world size, 1
+    included).  Every rank walks the same stream of minibatches (the same seeded
+    permutations) and takes its own: at iteration ``k`` the ``iter_size`` consecutive
+    minibatches from ``k*world*iter_size + rank*iter_size``
+    (:func:`caffe_compat.distributed.batch_slot`), skipping the others' without loading
+    them.  Each minibatch's own random draws (scales, RoI sampling) come from a generator
+    seeded by the seed and its index in the stream (:attr:`last_slot`), so they do not
+    depend on which rank reads it: N ranks draw what one process with ``iter_size*N``
+    draws, and the state (position in the stream) resumes under any world size.
     """
 
     def __init__(self, roidb: Roidb, num_classes: int, seed: Optional[int] = None,
                  rng: Optional[np.random.Generator] = None, config: Optional[AttrDict] = None,
-                 has_rpn: Optional[bool] = None) -> None:
+                 has_rpn: Optional[bool] = None, shard: Optional[Tuple[int, int, int]] = None) -> None:
         if not roidb:
             raise DataError("empty roidb: no training images (after filtering)")
         self._roidb = roidb
@@ -396,9 +416,20 @@ class MinibatchLoader:
         self._config = config
         c = _c(config)
         self.has_rpn = bool(c.TRAIN.HAS_RPN) if has_rpn is None else bool(has_rpn)
+        self.seed = int(c.RNG_SEED if seed is None else seed)
         if rng is None:
-            rng = np.random.default_rng(c.RNG_SEED if seed is None else seed)
+            rng = np.random.default_rng(self.seed)
         self.rng = rng
+        self.shard = None if shard is None else tuple(int(v) for v in shard)
+        if self.shard is not None:
+            r, n, s = self.shard
+            if not (0 <= r < n and s >= 1):
+                raise DataError(f"bad loader shard (rank {r}, world {n}, iter_size {s})")
+        #: index in the stream of the next minibatch (sharded loaders)
+        self.slot = 0
+        #: index in the stream of the minibatch last returned (None before the first)
+        self.last_slot: Optional[int] = None
+        self._in_block = 0
         self._perm = np.zeros((0,), dtype=np.int64)
         self._cur = 0
         self.shuffle()
@@ -440,17 +471,53 @@ class MinibatchLoader:
     def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
         return self
 
+    def _skip(self, n: int) -> None:
+        """Move past ``n`` minibatches of the stream (other ranks') without building them."""
+        for _ in range(n):
+            self.next_indices()
+            self.slot += 1
+
     def __next__(self) -> Dict[str, np.ndarray]:
+        if self.shard is None:
+            inds = self.next_indices()
+            return get_minibatch([self._roidb[i] for i in inds], self.num_classes, self.rng,
+                                 self._config, self.has_rpn)
+        inds, slot = self.next_recipe()
+        self.last_slot = slot
+        return self.build(inds, slot)
+
+    def next_recipe(self) -> Tuple[np.ndarray, int]:
+        """A sharded loader's next minibatch as ``(roidb indices, slot in the stream)``,
+        moving past it without building it: what a prefetching worker needs to build it
+        (:class:`caffe_compat.frcnn.prefetch.PrefetchLoader`)."""
+        if self.shard is None:
+            raise DataError("next_recipe needs a sharded loader (its minibatches seeded per slot)")
+        r, n, s = self.shard
+        if self._in_block == 0:
+            self._skip(r * s)
         inds = self.next_indices()
-        return get_minibatch([self._roidb[i] for i in inds], self.num_classes, self.rng,
-                             self._config, self.has_rpn)
+        slot = self.slot
+        self.slot += 1
+        self._in_block += 1
+        if self._in_block == s:  # the iteration's last own minibatch: move to the next iteration
+            self._skip((n - 1 - r) * s)
+            self._in_block = 0
+        return inds, slot
+
+    def build(self, inds: np.ndarray, slot: int) -> Dict[str, np.ndarray]:
+        """The minibatch of ``next_recipe``'s ``(inds, slot)``: a pure function of them."""
+        return build_minibatch([self._roidb[i] for i in inds], self.num_classes, self.seed, slot,
+                               _c(self._config), self.has_rpn)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Position and random state, to resume a snapshot exactly."""
+        """Position and random state, to resume a snapshot exactly (sharded: the position
+        in the stream, the same on every rank between iterations)."""
         return {"perm": self._perm.copy(), "cur": self._cur,
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "slot": self.slot}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._perm = np.asarray(state["perm"], dtype=np.int64)
         self._cur = int(state["cur"])
         self.rng.bit_generator.state = state["rng"]
+        self.slot = int(state.get("slot", 0))
+        self._in_block = 0

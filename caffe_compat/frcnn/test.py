@@ -543,7 +543,7 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
              vis: bool = False, output_dir: Optional[str] = None, *,
              log_fn: Optional[Callable[[str], None]] = None,
              detect_fn: Optional[Detector] = None, batch: int = 1,
-             precision: str = "fp32") -> Dict[str, Any]:
+             precision: str = "fp32", dist: Any = None) -> Dict[str, Any]:
     """Detect on every image of ``imdb`` and evaluate: ``{"ap": {class: AP}, "mAP": m, ...}``.
 
     Per image: :func:`im_detect` (on the imdb's non-ground-truth proposals unless
@@ -559,6 +559,11 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
     share a forward (:func:`im_detect_batch`; the same detections as batch 1), and the
     ``im_detect`` time shown is per image.  ``precision`` (:mod:`caffe_compat.precision`:
     fp32, tf32, bf16, fp16) runs the forwards in that precision; fp32 is Caffe's numbers.
+
+    ``dist`` (a :class:`~caffe_compat.distributed.DistContext` of a joined process group):
+    each rank detects on its contiguous share of the images, rank 0 gathers the detections,
+    writes the file and evaluates once (the same file and mAP as one process); the other
+    ranks return ``{"rank": r, "num_images": n}`` with their share's count.
     """
     from caffe_compat.precision import inference_precision
 
@@ -566,12 +571,12 @@ def test_net(net: Any, imdb: Any, max_per_image: int = 100, thresh: float = 0.05
         raise ConfigError(f"batch must be at least 1, got {batch}")
     with inference_precision(net, precision):
         return _test_net(net, imdb, max_per_image, thresh, vis, output_dir, log_fn, detect_fn,
-                         int(batch))
+                         int(batch), dist)
 
 
 def _test_net(net: Any, imdb: Any, max_per_image: int, thresh: float, vis: bool,
               output_dir: Optional[str], log_fn: Optional[Callable[[str], None]],
-              detect_fn: Optional[Detector], batch: int) -> Dict[str, Any]:
+              detect_fn: Optional[Detector], batch: int, dist: Any = None) -> Dict[str, Any]:
     emit = log_fn or log.info
     detect = detect_fn or im_detect
     c = cfg
@@ -589,8 +594,14 @@ def _test_net(net: Any, imdb: Any, max_per_image: int, thresh: float, vis: bool,
 
     batched = batch > 1 and roidb is None and detect_fn is None
     step = batch if batched else 1
-    for first in range(0, num_images, step):
-        chunk = range(first, min(first + step, num_images))
+    lo, hi = 0, num_images
+    if dist is not None and dist.distributed:
+        from caffe_compat.distributed import shard_range
+
+        share = shard_range(num_images, dist.rank, dist.world_size)
+        lo, hi = share.start, share.stop
+    for first in range(lo, hi, step):
+        chunk = range(first, min(first + step, hi))
         ims = [read_image(imdb.image_path_at(i)) for i in chunk]
         timers["im_detect"].tic()
         if batched:
@@ -631,6 +642,17 @@ def _test_net(net: Any, imdb: Any, max_per_image: int, thresh: float, vis: bool,
             emit("im_detect: {:d}/{:d} {:.3f}s {:.3f}s".format(
                 i + 1, num_images, timers["im_detect"].average_time, timers["misc"].average_time))
 
+    if dist is not None and dist.distributed:  # rank 0 gathers every rank's share
+        from caffe_compat.distributed import gather_objects
+
+        parts = gather_objects({i: [all_boxes[j][i] for j in range(num_classes)] for i in range(lo, hi)},
+                               dist)
+        if parts is None:
+            return {"rank": dist.rank, "num_images": hi - lo, "output_dir": output_dir}
+        for part in parts:
+            for i, rows in part.items():
+                for j in range(1, num_classes):
+                    all_boxes[j][i] = rows[j]
     det_file = os.path.join(output_dir, "detections.npz")
     save_detections(det_file, all_boxes, imdb.classes, list(imdb.image_index))
     emit(f"Wrote detections to {det_file}")
@@ -676,7 +698,7 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
               allow_python_layers: Optional[bool] = None, batch: int = 1,
               precision: str = "fp32",
               log_fn: Callable[[str], None] = print,
-              note_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+              note_fn: Callable[[str], None] = print, dist: Any = None) -> Dict[str, Any]:
     """py-faster-rcnn's ``tools/test_net.py`` under the config in force: build the TEST net
     with ``weights``, match ``TEST.HAS_RPN`` to its inputs (``im_info``: an RPN net;
     ``rois``: precomputed proposals), then :func:`test_net` on ``imdb_name``."""
@@ -708,7 +730,7 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
     log_fn(f"Testing '{net.name}' on {imdb.name} ({imdb.num_images} images, "
            f"{'CPU' if device.type == 'cpu' else f'cuda:{device.index}'})")
     return test_net(net, imdb, max_per_image=max_per_image, thresh=thresh, vis=vis,
-                    output_dir=output_dir, log_fn=log_fn, batch=batch, precision=precision)
+                    output_dir=output_dir, log_fn=log_fn, batch=batch, precision=precision, dist=dist)
 
 
 def format_ap(v: Any) -> str:

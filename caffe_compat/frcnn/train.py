@@ -264,6 +264,9 @@ class RoidbDataHook(HookBase):
 
     def __init__(self, solver: TrainSolver, layer: Any, loader: Any) -> None:
         self.solver, self.layer, self.loader = solver, layer, loader
+        #: the net's sampling layers (anchor/proposal targets), reseeded per minibatch when
+        #: the loader is sharded (distributed runs: the draws follow the minibatch, not the rank)
+        self.samplers = _sampling_layers(solver.net) if getattr(loader, "shard", None) else []
         self.install()
 
     def install(self) -> None:
@@ -275,10 +278,26 @@ class RoidbDataHook(HookBase):
 
     def next_minibatch(self) -> Dict[str, torch.Tensor]:
         blobs = next(self.loader)
+        if self.samplers and self.loader.last_slot is not None:
+            from caffe_compat.distributed import slot_seed
+
+            for k, layer in enumerate(self.samplers):
+                layer.seed(slot_seed(self.loader.seed + 1 + k, self.loader.last_slot))
         order = self.layer.blob_order
         dev = self.solver.net.device
+        if dev.type == "cuda":  # page-locked host memory: the copy runs without blocking the host
+            return {k: torch.from_numpy(np.ascontiguousarray(v)).pin_memory().to(dev, non_blocking=True)
+                    for k, v in blobs.items() if k in order}
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in blobs.items()
                 if k in order}
+
+
+def _sampling_layers(net: Any) -> List[Any]:
+    """The net's layers with their own random subsampling (``seed(s)``: the RPN's anchor and
+    proposal target layers), in net order."""
+    from caffe_compat.frcnn.layers.rpn import _Sampler
+
+    return [e.module for e in net.entries if isinstance(e.module, _Sampler)]
 
 
 class SolverWrapper:
@@ -289,12 +308,16 @@ class SolverWrapper:
     (missing layers keep their fillers).  Unless ``randomize``, a solver without its own
     ``random_seed`` gets ``cfg.RNG_SEED`` (the original seeded Caffe's RNG with it) and
     the minibatch loader draws from ``cfg.RNG_SEED`` too.
+
+    ``dist`` (a :class:`~caffe_compat.distributed.DistContext`): one rank of a distributed
+    run -- the loader takes this rank's minibatches of the one stream, gradients are summed
+    over the ranks, rank 0 snapshots.
     """
 
     def __init__(self, solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output_dir: str,
                  pretrained_model: Optional[str] = None, *, device: Any = None,
                  formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
-                 seed: Optional[int] = None, save_state: bool = True) -> None:
+                 seed: Optional[int] = None, save_state: bool = True, dist: Any = None) -> None:
         from caffe_compat.frcnn.roidb import MinibatchLoader, add_bbox_regression_targets
 
         self.output_dir = output_dir
@@ -333,7 +356,22 @@ class SolverWrapper:
         else:
             loader_seed = int(cfg.RNG_SEED if seed is None else seed)
         has_rpn = "im_info" in layer.blob_order
-        self.loader = MinibatchLoader(roidb, layer.num_classes, seed=loader_seed, has_rpn=has_rpn)
+        shard = None
+        if dist is not None:
+            from caffe_compat.distributed import install
+
+            install(self.solver, dist, broadcast=False)  # DistributedHook broadcasts, after a resume
+            shard = (dist.rank, dist.world_size, int(self.solver.param.iter_size))
+        from caffe_compat.frcnn.prefetch import PrefetchLoader, prefetch_workers
+
+        workers = prefetch_workers(None, self.device)
+        if workers and shard is None:  # prefetching builds each minibatch from its slot's seed
+            shard = (0, 1, int(self.solver.param.iter_size))
+        self.loader = MinibatchLoader(roidb, layer.num_classes, seed=loader_seed, has_rpn=has_rpn,
+                                      shard=shard)
+        if workers:
+            log.info("building minibatches in %d worker process(es)", workers)
+            self.loader = PrefetchLoader(self.loader, workers)
         self.data_hook = RoidbDataHook(self.solver, layer, self.loader)
         if T.BBOX_REG and T.BBOX_NORMALIZE_TARGETS and self.bbox_means is not None:
             if self.solver.set_bbox_stats(self.bbox_means, self.bbox_stds):
@@ -364,7 +402,8 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
               resume: Optional[str] = None, device: Any = None,
               formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
               progress: bool = True, progress_stream: Any = None, handle_signals: bool = True,
-              seed: Optional[int] = None, save_state: bool = True, precision: str = "fp32") -> TrainResult:
+              seed: Optional[int] = None, save_state: bool = True, precision: str = "fp32",
+              dist: Any = None) -> TrainResult:
     """Train a Fast/Faster R-CNN net on ``roidb`` (py-faster-rcnn's ``train_net``).
 
     ``precision``: fp32 (Caffe's numbers), tf32, bf16 or fp16 (AMP with loss scaling), see
@@ -375,13 +414,16 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
     ``progress``: show the progress bar / progress lines (``progress_stream``, default
     stderr).  Writes ``<prefix>[_<infix>]_loss.png`` and ``_loss.csv`` in ``output_dir``.
     Returns a :class:`TrainResult` (``.model_paths`` is what the original returned).
+    ``dist``: this process's :class:`~caffe_compat.distributed.DistContext` in a distributed
+    run (see :class:`SolverWrapper`).
     """
     from caffe_compat.frcnn.roidb import filter_roidb
 
     os.makedirs(output_dir, exist_ok=True)
     roidb = filter_roidb(roidb)
     sw = SolverWrapper(solver_prototxt, roidb, output_dir, pretrained_model, device=device,
-                       formats=formats, randomize=randomize, seed=seed, save_state=save_state)
+                       formats=formats, randomize=randomize, seed=seed, save_state=save_state,
+                       dist=dist)
     s = sw.solver
     if precision != "fp32":
         from caffe_compat.precision import install_training_precision
@@ -389,15 +431,20 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
         install_training_precision(s, precision)
     hooks = default_hooks(int(max_iters), output_dir, os.path.basename(s.prefix), resume=resume,
                           progress=progress, progress_stream=progress_stream,
-                          handle_signals=handle_signals)
-    return run_trainer(sw.trainer(int(max_iters), hooks))
+                          handle_signals=handle_signals, dist=dist)
+    result = run_trainer(sw.trainer(int(max_iters), hooks))
+    if dist is not None:  # every rank returns once rank 0's snapshots are written
+        from caffe_compat.distributed import barrier
+
+        barrier(dist)
+    return result
 
 
 def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional[str] = None,
                       resume: Optional[str] = None, max_iters: Optional[int] = None,
                       device: Any = None, formats: Sequence[str] = ("caffemodel",),
                       randomize: bool = False, output_dir: Optional[str] = None,
-                      progress: bool = True, precision: str = "fp32") -> TrainResult:
+                      progress: bool = True, precision: str = "fp32", dist: Any = None) -> TrainResult:
     """py-faster-rcnn's ``tools/train_net.py`` under the config in force: seed from
     ``cfg.RNG_SEED`` (unless ``randomize``), the roidb of ``imdb_name``, the output folder
     (``get_output_dir(imdb)`` unless given) and ``max_iters`` (the solver's ``max_iter``,
@@ -417,4 +464,4 @@ def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional
     iters = max_iters if max_iters is not None else (load_solver_param(solver).max_iter or 40000)
     return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
                      resume=resume, device=device, formats=formats, randomize=randomize,
-                     progress=progress, precision=precision)
+                     progress=progress, precision=precision, dist=dist)

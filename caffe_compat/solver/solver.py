@@ -202,6 +202,15 @@ class Solver:
         self.autocast_dtype: Optional[torch.dtype] = None
         self.grad_scaler: Any = None
         self.skipped_iterations = 0
+        #: distributed training (:class:`caffe_compat.distributed.GradSync`): called as
+        #: ``grad_sync(solver, loss) -> loss`` after the iter_size passes, before the update
+        #: (sums the gradients over the processes, returns the world's loss); None: one process
+        self.grad_sync: Optional[Callable[["Solver", float], float]] = None
+        #: the run's :class:`caffe_compat.distributed.DistContext` (None: one process)
+        self.dist: Any = None
+        #: with grad_sync: the stop request as the world agreed on it at this iteration's
+        #: all-reduce (a signal seen by one rank later stops everyone one iteration later)
+        self._synced_stop = False
         #: (role, path) of every file read: weights, restored states (snapshots spare them)
         self.input_files: List[Tuple[str, str]] = []
         # Caffe seeds its global RNG before building the nets
@@ -497,6 +506,8 @@ class Solver:
                 if loss is not None:
                     total = loss if total is None else total + loss
             loss_val = 0.0 if total is None else float(total) / int(p.iter_size)
+            if self.grad_sync is not None:  # every rank: the world's gradients and loss
+                loss_val = self.grad_sync(self, loss_val)
             if not math.isfinite(loss_val):
                 top = self._nonfinite_loss_top()
                 where = f"; first non-finite loss top: {top}" if top else ""
@@ -513,7 +524,7 @@ class Solver:
             info = IterationInfo(self.iter, loss_val, self.smoothed_loss, rate, self.max_iter, outputs)
             for cb in self._callbacks["iteration"]:
                 cb(self, info)
-            stop = self._stop_requested
+            stop = self._stop_requested if self.grad_sync is None else self._synced_stop
             if ((p.snapshot and self.iter % p.snapshot == 0) or self._snapshot_requested
                     or (stop and self._stop_snapshot)):
                 self._snapshot_requested = False
