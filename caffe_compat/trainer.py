@@ -544,6 +544,9 @@ class ProgressHook(HookBase):
         self.monitor.close()
         if not self.outputs:
             return
+        from caffe_compat.device import peak_memory_line
+
+        log.info("%s", peak_memory_line(self.trainer.solver.net.device))
         self.loss_curve, self.loss_csv = finish_outputs(self.monitor, self.folder, self.stem,
                                                         f"{self.stem}: training loss")
 
@@ -620,15 +623,30 @@ class DistributedHook(HookBase):
         reseed_rank(s, self.ctx)
 
 
+class CompileHook(HookBase):
+    """The train net's forwards through ``torch.compile`` (``--compile BACKEND``), with the
+    eager fallback of :meth:`caffe_compat.net.Net.compile_forward`."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def before_train(self) -> None:
+        self.trainer.solver.net.compile_forward(backend=self.backend)
+
+
 def default_hooks(max_iter: int, folder: str, stem: str, *, resume: Optional[str] = None,
                   progress: bool = True, progress_stream: Any = None,
-                  handle_signals: bool = True, dist: Any = None) -> List[HookBase]:
-    """What every training command has: progress and loss curve, ``resume`` restored first,
-    SIGINT/SIGTERM -> snapshot and stop; in a distributed run (``dist``, a
-    :class:`~caffe_compat.distributed.DistContext`) progress and the loss curve on rank 0 only."""
+                  handle_signals: bool = True, dist: Any = None,
+                  compile_backend: Optional[str] = None) -> List[HookBase]:
+    """What every training command has: progress and loss curve (and the peak memory at
+    the end), ``resume`` restored first, SIGINT/SIGTERM -> snapshot and stop; in a
+    distributed run (``dist``, a :class:`~caffe_compat.distributed.DistContext`) progress and
+    the loss curve on rank 0 only; ``compile_backend``: a :class:`CompileHook`."""
     main = dist is None or dist.is_main
     hooks: List[HookBase] = [ProgressHook(max_iter, folder, stem, enabled=progress and main,
                                           stream=progress_stream, outputs=main)]
+    if compile_backend:
+        hooks.append(CompileHook(compile_backend))
     if resume:
         hooks.append(ResumeHook(resume))
     if dist is not None and dist.distributed:
@@ -657,7 +675,8 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
                 max_iter: Optional[int] = None, device: Any = None,
                 formats: Sequence[str] = ("caffemodel",), output_dir: Optional[str] = None,
                 progress: bool = True, progress_stream: Any = None,
-                handle_signals: bool = True, precision: str = "fp32", dist: Any = None) -> TrainResult:
+                handle_signals: bool = True, precision: str = "fp32", dist: Any = None,
+                compile_backend: Optional[str] = None) -> TrainResult:
     """``caffe train``: run the solver (its nets read their own data layers) to ``max_iter``
     (the solver's unless given), snapshotting as the solver says
     (``<snapshot_prefix>_iter_N``, or in ``output_dir`` when given).  ``precision``: see
@@ -681,7 +700,7 @@ def train_plain(solver: SolverSource, *, weights: Optional[str] = None, resume: 
     folder = output_dir or os.path.dirname(os.path.abspath(s.prefix))
     hooks = default_hooks(int(s.param.max_iter), folder, os.path.basename(s.prefix) or "train",
                           resume=resume, progress=progress, progress_stream=progress_stream,
-                          handle_signals=handle_signals, dist=dist)
+                          handle_signals=handle_signals, dist=dist, compile_backend=compile_backend)
     result = run_trainer(TrainerBase(s, hooks))
     if dist is not None:  # every rank returns once rank 0's snapshots are written
         from caffe_compat.distributed import barrier

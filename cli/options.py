@@ -145,6 +145,13 @@ def batch_option(help: str = "Images per forward: consecutive images of the same
                         help=help)
 
 
+def compile_option(fn: F) -> F:
+    """``--compile BACKEND`` -> the parameter ``compile_backend`` (None: eager)."""
+    return click.option("--compile", "compile_backend", default=None, metavar="BACKEND",
+                        help="Run forwards through torch.compile with this backend (e.g. inductor); "
+                             "falls back to eager with a warning if compiling fails.")(fn)
+
+
 def speed_options(fn: F) -> F:
     """``--cuda-graphs/--no-cuda-graphs`` (parameter ``cuda_graphs``) and ``--compile BACKEND``
     (parameter ``compile_backend``): the GPU inference path's switches
@@ -153,9 +160,7 @@ def speed_options(fn: F) -> F:
         click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=True, show_default=True,
                      help="On CUDA, replay the layers before the first one needing the host (a "
                           "detector's trunk and RPN) as CUDA graphs, one per image shape."),
-        click.option("--compile", "compile_backend", default=None, metavar="BACKEND",
-                     help="Run forwards through torch.compile with this backend (e.g. inductor); "
-                          "falls back to eager with a warning if compiling fails."),
+        compile_option,
     ])
 
 

@@ -19,7 +19,7 @@ import click
 from caffe_compat.cli.main import friendly, main, writes
 from caffe_compat.cli.options import (batch_option, cfg_options, check_file, config_scope, extra_args,
                                       gpu_option, gpus_options, precision_option, python_layers_option,
-                                      state_options)
+                                      speed_options, state_options)
 
 __all__ = ["echo_ap"]
 
@@ -60,6 +60,7 @@ def echo_ap(result: Mapping[str, Any]) -> None:
 @batch_option("--imdb mode: images per forward (consecutive images of one resized shape share "
               "one; the same detections as 1).")
 @precision_option()
+@speed_options
 @state_options
 @python_layers_option()
 @gpus_options
@@ -67,8 +68,8 @@ def echo_ap(result: Mapping[str, Any]) -> None:
 @writes("output_dir")
 @friendly
 def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_mode, max_per_image,
-                 thresh, vis, output_dir, rpn_file, iterations, batch, precision, stages, level,
-                 allow_python_layers, gpus, dist_timeout, sync_batchnorm):
+                 thresh, vis, output_dir, rpn_file, iterations, batch, precision, cuda_graphs, compile_backend,
+                 stages, level, allow_python_layers, gpus, dist_timeout, sync_batchnorm):
     """Test MODEL with WEIGHTS: detection mAP on --imdb, or Caffe's averaged outputs."""
     import contextlib
     import os
@@ -99,7 +100,8 @@ def test_command(ctx, model, weights, imdb_name, cfg_file, set_pairs, gpu, comp_
                                output_dir=output_dir, rpn_file=rpn_file, stages=stages, level=level,
                                allow_python_layers=allow_python_layers or None, batch=batch,
                                precision=precision, log_fn=say,
-                               note_fn=lambda line: say(line, err=True), dist=dist)
+                               note_fn=lambda line: say(line, err=True), dist=dist,
+                               cuda_graphs=cuda_graphs, compile_backend=compile_backend)
             if main_rank:
                 echo_ap(result)
         else:

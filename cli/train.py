@@ -23,8 +23,8 @@ import sys
 import click
 
 from caffe_compat.cli.main import friendly, main, writes
-from caffe_compat.cli.options import (SET_HELP, cfg_options, config_scope, extra_args, gpu_option,
-                                      gpus_options, precision_option)
+from caffe_compat.cli.options import (SET_HELP, cfg_options, compile_option, config_scope, extra_args,
+                                      gpu_option, gpus_options, precision_option)
 _EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -92,11 +92,13 @@ def _report(result, what: str = "training") -> None:
               help="Iterations to train (default: the solver's max_iter; py-faster-rcnn: 40000).")
 @_common
 @precision_option()
+@compile_option
 @click.pass_context
 @writes("output_dir")
 @friendly
 def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name,
-                  gpu, randomize, output_dir, fmt, progress, gpus, dist_timeout, sync_batchnorm, precision):
+                  gpu, randomize, output_dir, fmt, progress, gpus, dist_timeout, sync_batchnorm, precision,
+                  compile_backend):
     """Train a net from a solver prototxt (tools/train_net.py; `caffe train` for plain nets)."""
     import os
 
@@ -112,11 +114,11 @@ def train_command(ctx, solver, resume, max_iters, pretrained_model, cfg_file, se
         return
     with (dist.session() if dist is not None else contextlib.nullcontext()):
         _train(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name, gpu,
-               randomize, output_dir, fmt, progress, precision, dist)
+               randomize, output_dir, fmt, progress, precision, dist, compile_backend)
 
 
 def _train(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs, imdb_name, gpu,
-           randomize, output_dir, fmt, progress, precision, dist) -> None:
+           randomize, output_dir, fmt, progress, precision, dist, compile_backend=None) -> None:
     """The training itself (one process, or one rank of a distributed run: ``dist``)."""
     from caffe_compat.device import resolve_device
     from caffe_compat.distributed import worker_logging
@@ -141,11 +143,13 @@ def _train(ctx, solver, resume, max_iters, pretrained_model, cfg_file, set_pairs
             result = train_from_solver(solver, imdb_name, pretrained_model=pretrained_model,
                                        resume=resume, max_iters=max_iters, device=device,
                                        formats=formats, randomize=randomize, output_dir=output_dir,
-                                       progress=progress, precision=precision.lower(), dist=dist)
+                                       progress=progress, precision=precision.lower(), dist=dist,
+                                       compile_backend=compile_backend)
         else:
             result = train_plain(solver, weights=pretrained_model, resume=resume, max_iter=max_iters,
                                  device=device, formats=formats, output_dir=output_dir,
-                                 progress=progress, precision=precision.lower(), dist=dist)
+                                 progress=progress, precision=precision.lower(), dist=dist,
+                                 compile_backend=compile_backend)
     if dist is None or dist.is_main:
         _report(result)
     if result.signal:

@@ -698,10 +698,12 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
               allow_python_layers: Optional[bool] = None, batch: int = 1,
               precision: str = "fp32",
               log_fn: Callable[[str], None] = print,
-              note_fn: Callable[[str], None] = print, dist: Any = None) -> Dict[str, Any]:
+              note_fn: Callable[[str], None] = print, dist: Any = None,
+              cuda_graphs: bool = True, compile_backend: Optional[str] = None) -> Dict[str, Any]:
     """py-faster-rcnn's ``tools/test_net.py`` under the config in force: build the TEST net
     with ``weights``, match ``TEST.HAS_RPN`` to its inputs (``im_info``: an RPN net;
-    ``rois``: precomputed proposals), then :func:`test_net` on ``imdb_name``."""
+    ``rois``: precomputed proposals), then :func:`test_net` on ``imdb_name``.
+    ``cuda_graphs``/``compile_backend``: :func:`caffe_compat.cuda_graph.fast_runner`."""
     from caffe_compat.frcnn.datasets.factory import get_imdb
     from caffe_compat.net import Net
     from caffe_compat.precision import check_precision
@@ -729,7 +731,10 @@ def test_imdb(model: str, weights: str, imdb_name: str, *, device: Any = None, c
         imdb.set_proposal_method(cfg.TEST.PROPOSAL_METHOD)
     log_fn(f"Testing '{net.name}' on {imdb.name} ({imdb.num_images} images, "
            f"{'CPU' if device.type == 'cpu' else f'cuda:{device.index}'})")
-    return test_net(net, imdb, max_per_image=max_per_image, thresh=thresh, vis=vis,
+    from caffe_compat.cuda_graph import fast_runner
+
+    runner = fast_runner(net, cuda_graphs=cuda_graphs, compile_backend=compile_backend)
+    return test_net(runner, imdb, max_per_image=max_per_image, thresh=thresh, vis=vis,
                     output_dir=output_dir, log_fn=log_fn, batch=batch, precision=precision, dist=dist)
 
 

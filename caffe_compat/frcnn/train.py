@@ -403,7 +403,7 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
               formats: Sequence[str] = ("caffemodel",), randomize: bool = False,
               progress: bool = True, progress_stream: Any = None, handle_signals: bool = True,
               seed: Optional[int] = None, save_state: bool = True, precision: str = "fp32",
-              dist: Any = None) -> TrainResult:
+              dist: Any = None, compile_backend: Optional[str] = None) -> TrainResult:
     """Train a Fast/Faster R-CNN net on ``roidb`` (py-faster-rcnn's ``train_net``).
 
     ``precision``: fp32 (Caffe's numbers), tf32, bf16 or fp16 (AMP with loss scaling), see
@@ -431,7 +431,7 @@ def train_net(solver_prototxt: SolverSource, roidb: List[Dict[str, Any]], output
         install_training_precision(s, precision)
     hooks = default_hooks(int(max_iters), output_dir, os.path.basename(s.prefix), resume=resume,
                           progress=progress, progress_stream=progress_stream,
-                          handle_signals=handle_signals, dist=dist)
+                          handle_signals=handle_signals, dist=dist, compile_backend=compile_backend)
     result = run_trainer(sw.trainer(int(max_iters), hooks))
     if dist is not None:  # every rank returns once rank 0's snapshots are written
         from caffe_compat.distributed import barrier
@@ -444,7 +444,8 @@ def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional
                       resume: Optional[str] = None, max_iters: Optional[int] = None,
                       device: Any = None, formats: Sequence[str] = ("caffemodel",),
                       randomize: bool = False, output_dir: Optional[str] = None,
-                      progress: bool = True, precision: str = "fp32", dist: Any = None) -> TrainResult:
+                      progress: bool = True, precision: str = "fp32", dist: Any = None,
+                      compile_backend: Optional[str] = None) -> TrainResult:
     """py-faster-rcnn's ``tools/train_net.py`` under the config in force: seed from
     ``cfg.RNG_SEED`` (unless ``randomize``), the roidb of ``imdb_name``, the output folder
     (``get_output_dir(imdb)`` unless given) and ``max_iters`` (the solver's ``max_iter``,
@@ -464,4 +465,4 @@ def train_from_solver(solver: str, imdb_name: str, *, pretrained_model: Optional
     iters = max_iters if max_iters is not None else (load_solver_param(solver).max_iter or 40000)
     return train_net(solver, roidb, out, pretrained_model=pretrained_model, max_iters=iters,
                      resume=resume, device=device, formats=formats, randomize=randomize,
-                     progress=progress, precision=precision, dist=dist)
+                     progress=progress, precision=precision, dist=dist, compile_backend=compile_backend)
