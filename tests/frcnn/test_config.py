@@ -13,12 +13,13 @@ from caffe_compat.frcnn.config import (CONTEXT_KEY, AttrDict, ConfigError, build
                                        get_output_dir, override_list, parse_param_str, reset_cfg,
                                        temporary_cfg)
 
-# py-faster-rcnn's lib/fast_rcnn/config.py, key by key (written out here, not imported)
+# py-faster-rcnn's lib/fast_rcnn/config.py, key by key (written out here, not imported), plus
+# caffe-compat's own TRAIN.PREFETCH_WORKERS (minibatch worker processes)
 TRAIN_DEFAULTS = {
     "SCALES": (600,), "MAX_SIZE": 1000, "IMS_PER_BATCH": 2, "BATCH_SIZE": 128,
     "FG_FRACTION": 0.25, "FG_THRESH": 0.5, "BG_THRESH_HI": 0.5, "BG_THRESH_LO": 0.1,
     "USE_FLIPPED": True, "BBOX_REG": True, "BBOX_THRESH": 0.5, "SNAPSHOT_ITERS": 10000,
-    "SNAPSHOT_INFIX": "", "USE_PREFETCH": False, "BBOX_NORMALIZE_TARGETS": True,
+    "SNAPSHOT_INFIX": "", "USE_PREFETCH": False, "PREFETCH_WORKERS": -1, "BBOX_NORMALIZE_TARGETS": True,
     "BBOX_INSIDE_WEIGHTS": (1.0, 1.0, 1.0, 1.0), "BBOX_NORMALIZE_TARGETS_PRECOMPUTED": False,
     "BBOX_NORMALIZE_MEANS": (0.0, 0.0, 0.0, 0.0), "BBOX_NORMALIZE_STDS": (0.1, 0.1, 0.2, 0.2),
     "PROPOSAL_METHOD": "selective_search", "ASPECT_GROUPING": True, "HAS_RPN": False,
