@@ -18,10 +18,14 @@ from caffe_compat.cli.options import input_shape_option, parse_input_shapes, pyt
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Output file.")
 @input_shape_option("Input blob shape to export for (repeatable), e.g. data=1,3,600,800.")
+@click.option("--dynamic/--static", "dynamic", default=None,
+              help="onnx/exported: image height and width (and a Fast R-CNN net's ROI count) "
+                   "vary (--dynamic: an error if the net fixes them) or stay as traced "
+                   "(--static). Default: dynamic where the net allows it, checked.")
 @python_layers_option()
 @writes("output")
 @friendly
-def export_command(model, weights, fmt, output, input_shapes, allow_python_layers):
+def export_command(model, weights, fmt, output, input_shapes, dynamic, allow_python_layers):
     """Export the TEST net MODEL (with --weights) to OUTPUT."""
     import os
 
@@ -33,16 +37,19 @@ def export_command(model, weights, fmt, output, input_shapes, allow_python_layer
     shapes = parse_input_shapes(input_shapes)
     net = Net(model, weights=weights, phase="test", input_shapes=shapes or None,
               allow_python_layers=allow_python_layers or None, exact_layout=True)
+    sizes = ""
     if fmt == "onnx":
         from caffe_compat.export import to_onnx
 
-        to_onnx(net, output)
+        sizes = to_onnx(net, output, dynamic=dynamic).describe()
     elif fmt == "exported":
         from caffe_compat.export import to_exported
+        from caffe_compat.export.exported import spatial_check
 
-        to_exported(net, output)
+        program = to_exported(net, output, dynamic=dynamic)
+        sizes = spatial_check(program, list(net.input_names)).describe()
     else:
         from caffe_compat.export import to_python
 
         to_python(net, output)
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {output}" + (f" (input sizes: {sizes})" if sizes else ""))

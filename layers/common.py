@@ -523,7 +523,8 @@ class Reshape(Layer):
                 if start + i >= nd:
                     raise self.error(ShapeError, f"new shape contains a 0 at position {i}, but "
                                                  "there is no corresponding bottom axis to copy")
-                new[start + i] = int(shape[start + i])
+                d0 = shape[start + i]  # a symbolic size stays one (torch.export)
+                new[start + i] = d0 if isinstance(d0, torch.SymInt) else int(d0)
             elif d == -1:
                 inferred = start + i
         total = _count(shape)

@@ -76,7 +76,8 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 def _trunc_div(a: int, b: int) -> int:
     """C++ integer division (truncates toward zero)."""
     q = abs(a) // abs(b)
-    return q if (a >= 0) == (b > 0) else -q
+    same_sign = (a >= 0) if b > 0 else (a < 0)  # no SymBool == bool (torch.export sizes)
+    return q if same_sign else -q
 
 
 class _ConvGeometry(Layer):
@@ -336,7 +337,9 @@ def caffe_pooled_size(size: int, k: int, s: int, p: int, ceil: bool = True,
     has any padding (``padded``, on either axis; default ``p > 0``) the last window is
     dropped when it would start in the right padding."""
     num = size + 2 * p - k
-    out = (-(-num // s) if ceil else num // s) + 1
+    # ceil(num / s) as PyTorch writes it: the same integer, and for symbolic sizes
+    # (torch.export) the same expression as _torch_pooled_size's, so comparing them is no guard
+    out = ((num + s - 1) // s if ceil else num // s) + 1
     if (p > 0 if padded is None else padded) and (out - 1) * s >= size + p:
         out -= 1
     return out
@@ -365,13 +368,30 @@ def _avg_pool2d(x: Tensor, *args, **kwargs) -> Tensor:
     return F.avg_pool2d(x, *args, **kwargs)
 
 
+def _window_sums(x: Tensor, kh: int, kw: int, sh: int, sw: int) -> Tensor:
+    """Sums over the (unpadded, floor) windows.  Under torch.export as the mean times the
+    window size: ONNX ``AveragePool`` has no ``divisor_override`` and torch's ONNX exporter
+    drops it, which would divide the sums silently (fp32 rounding: ~1e-7 relative)."""
+    if torch.compiler.is_exporting():
+        return _avg_pool2d(x, (kh, kw), (sh, sw), 0) * float(kh * kw)
+    return _avg_pool2d(x, (kh, kw), (sh, sw), 0, divisor_override=1)
+
+
 _DIVISORS: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
 
 def _ave_divisors(H: int, W: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                   OH: int, OW: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Caffe's AVE window sizes (clipped to the padded map), cached per geometry and device:
-    no host-to-device copy per forward, which also lets such nets be captured as CUDA graphs."""
+    no host-to-device copy per forward, which also lets such nets be captured as CUDA graphs.
+    Under torch.export they are built from ``arange``, uncached: the trace's fake tensors
+    and symbolic sizes must not outlive it in the cache."""
+    if torch.compiler.is_exporting() or any(isinstance(v, torch.SymInt) for v in (H, W, OH, OW)):
+        def sizes(n, k: int, s: int, p: int, out) -> Tensor:
+            start = torch.arange(out, device=device) * s - p
+            return torch.minimum(start + k, torch.zeros_like(start) + (n + p)) - start
+
+        return (sizes(H, kh, sh, ph, OH)[:, None] * sizes(W, kw, sw, pw, OW)[None, :]).to(dtype)
     key = (H, W, kh, kw, sh, sw, ph, pw, OH, OW, dtype, device)
     div = _DIVISORS.get(key)
     if div is None:
@@ -433,7 +453,8 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
     if x.dim() != 4:
         raise ShapeError(f"pooling needs a 4-D (N, C, H, W) bottom, got {tuple(x.shape)}",
                          layer=layer)
-    N, C, H, W = (int(v) for v in x.shape)
+    # plain shape values: ints eagerly, symbolic sizes under torch.export (int() would fix them)
+    N, C, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     for k, p in ((kh, ph), (kw, pw)):
         if p and p >= k:
@@ -449,7 +470,8 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
     # explicit geometry: pad left by p, right up to the end of the last window (or crop)
     rh = (OH - 1) * sh + kh - H - ph
     rw = (OW - 1) * sw + kw - W - pw
-    if not fast:  # a stride far above the map would pad the input to an absurd size
+    if not fast and not isinstance(H * W, torch.SymInt):  # a stride far above the map
+        # would pad the input to an absurd size (a traced size is checked when it runs)
         check_shape((N, C, H + ph + max(rh, 0), W + pw + max(rw, 0)), what="padded pooling input",
                     layer=layer)
 
@@ -485,7 +507,7 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
             return _avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil,
                                 count_include_pad=True), None
         xp = F.pad(x, (pw, rw, ph, rh))
-        sums = _avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+        sums = _window_sums(xp, kh, kw, sh, sw)
         return sums / _ave_divisors(H, W, kh, kw, sh, sw, ph, pw, OH, OW, x.dtype, x.device), None
 
     if method == STOCHASTIC:
@@ -493,8 +515,8 @@ def caffe_pool2d(x: Tensor, method: int, kernel: Sequence[int], stride: Sequence
             raise ShapeError("padding is implemented only for AVE and MAX pooling", layer=layer)
         xp = F.pad(x, (0, rw, 0, rh))
         if not train:
-            sums = _avg_pool2d(xp, (kh, kw), (sh, sw), 0, divisor_override=1)
-            sq = _avg_pool2d(xp * xp, (kh, kw), (sh, sw), 0, divisor_override=1)
+            sums = _window_sums(xp, kh, kw, sh, sw)
+            sq = _window_sums(xp * xp, kh, kw, sh, sw)
             zero = (sums == 0).detach()
             safe = torch.where(zero, torch.ones_like(sums), sums + FLT_MIN)
             return torch.where(zero, (sq / FLT_MIN).detach(), sq / safe), None

@@ -2,9 +2,10 @@
 
 * :func:`to_onnx` (:mod:`caffe_compat.export.onnx`): an ONNX model (opset 18) for
   onnxruntime and friends, ROIPooling as ``MaxRoiPool``, proposals' NMS as
-  ``NonMaxSuppression``, dynamic image size where the net allows;
+  ``NonMaxSuppression``, dynamic image size where the net allows (checked over all
+  sizes: :func:`caffe_compat.export.exported.spatial_check`);
 * :func:`to_exported` (:mod:`caffe_compat.export.exported`): a ``torch.export``
-  ExportedProgram (``.pt2``);
+  ExportedProgram (``.pt2``), dynamic likewise;
 * :func:`to_python` (:mod:`caffe_compat.export.python_code`): a standalone, readable
   PyTorch module with its weights in ``.safetensors``.
 

@@ -25,7 +25,7 @@ from caffe_compat.errors import CaffeCompatError, GraphError
 from caffe_compat.export.ops import EXPORT_FORMS
 
 __all__ = ["ExportModule", "EXPORT_FORMS", "NOT_EXPORTABLE", "check_exportable", "example_inputs",
-           "layer_type", "ExportError"]
+           "example_rois", "layer_type", "ExportError"]
 
 
 class ExportError(GraphError):
@@ -160,7 +160,9 @@ def _identifier(name: str, taken) -> str:
 def example_inputs(net, inputs: Optional[Mapping[str, Tensor]] = None) -> Tuple[Tensor, ...]:
     """Tensors to trace with, in ``net.input_names`` order: the given ones, else seeded
     normal data of each input's declared shape; an ``im_info`` input (py-faster-rcnn) gets
-    ``[height, width, 1]`` of the image input so proposals are not all clipped away."""
+    ``[height, width, 1]`` of the image input so proposals are not all clipped away, a
+    Fast R-CNN ``rois`` input (R, 5) boxes of image 0 inside the image, at least 4 of
+    them (its declared 1 is a placeholder; a count of 0 or 1 would be traced as fixed)."""
     inputs = dict(inputs or {})
     gen = torch.Generator().manual_seed(0)
     out: List[Tensor] = []
@@ -180,7 +182,20 @@ def example_inputs(net, inputs: Optional[Mapping[str, Tensor]] = None) -> Tuple[
         if n == "im_info" and image_hw is not None and tuple(s)[-1:] == (3,):
             row = torch.tensor([float(image_hw[0]), float(image_hw[1]), 1.0], dtype=net.dtype)
             out.append(row.expand(tuple(s)).clone())
+        elif n == "rois" and image_hw is not None and len(s) == 2 and s[1] == 5:
+            out.append(example_rois(max(int(s[0]), 4), image_hw, gen, net.dtype))
         else:
             out.append(torch.randn(tuple(s), generator=gen, dtype=net.dtype) * 10)
     return tuple(out)
 
+
+
+def example_rois(count: int, image_hw: Tuple[int, int], gen: torch.Generator,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """``count`` seeded ROIs ``[0, x1, y1, x2, y2]`` inside an ``image_hw`` image (batch index 0:
+    a random one would read outside the batch)."""
+    h, w = image_hw
+    a = torch.rand(count, 2, generator=gen) * torch.tensor([w - 1.0, h - 1.0])
+    b = torch.rand(count, 2, generator=gen) * torch.tensor([w - 1.0, h - 1.0])
+    boxes = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], 1).floor()
+    return torch.cat([torch.zeros(count, 1), boxes], 1).to(dtype)

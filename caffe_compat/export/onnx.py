@@ -25,7 +25,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-from caffe_compat.export.exported import export_program
+from caffe_compat.export.exported import SpatialCheck, export_program, spatial_check
 from caffe_compat.export.graph import ExportError
 
 __all__ = ["to_onnx", "write_program", "OPSET"]
@@ -79,21 +79,33 @@ def _translations() -> Dict[object, object]:
 
 
 def to_onnx(net, path: str, *, inputs: Optional[Mapping[str, Tensor]] = None,
-            opset: int = OPSET) -> None:
+            opset: int = OPSET, dynamic: Optional[bool] = None) -> SpatialCheck:
     """Write ``net`` (a TEST net with its weights) as an ONNX model to ``path`` (atomically).
 
     Inputs and outputs are named after the net's input and output blobs.  Shapes are
     those of ``inputs`` (tensors by input name) or the net's declared ones
-    (``Net(..., input_shapes=)``); a Faster R-CNN net's ROI count stays dynamic.  A
-    layer with no ONNX form is one :class:`~caffe_compat.export.graph.ExportError`
-    naming it and why."""
+    (``Net(..., input_shapes=)``); a Faster R-CNN net's ROI count stays dynamic.
+    ``dynamic`` (image height and width of 4-D inputs): None (default) where the net
+    allows it, checked (:func:`caffe_compat.export.exported.spatial_check`), else the
+    traced size; True: dynamic or an error saying why not; False: the traced size.  The
+    model's metadata ``caffe_compat.input_sizes`` says which sizes it takes.  A layer
+    with no ONNX form is one :class:`~caffe_compat.export.graph.ExportError` naming it
+    and why.  Returns the sizes the model takes (``.describe()``: ``static`` or the
+    smallest of each dynamic axis)."""
     _need_onnx()
-    write_program(net, export_program(net, inputs, dynamic=False), path, opset=opset)
+    return write_program(net, export_program(net, inputs, dynamic=dynamic), path, opset=opset)
 
 
-def write_program(net, program, path: str, *, opset: int = OPSET) -> None:
-    """Write an ExportedProgram of ``net`` (:func:`export_program`) as ONNX to ``path``."""
+def write_program(net, program, path: str, *, opset: int = OPSET) -> SpatialCheck:
+    """Write an ExportedProgram of ``net`` (:func:`export_program`) as ONNX to ``path``;
+    returns the sizes it takes (:func:`caffe_compat.export.exported.spatial_check`).  A
+    program with symbolic sizes that the check refuses is an :class:`ExportError`: an
+    ONNX model keeps no guards, it would compute wrong numbers at other sizes."""
     _need_onnx()
+    sizes = spatial_check(program, list(net.input_names))
+    if sizes.reason is not None:
+        raise ExportError(f"the traced sizes cannot vary: {sizes.reason}; export it static "
+                          "(dynamic=False)", where=net.source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,8 +119,10 @@ def write_program(net, program, path: str, *, opset: int = OPSET) -> None:
         raise ExportError(_onnx_failure(program, e), where=net.source) from e
     from caffe_compat.atomic import atomic_path
 
+    onnx_program.model.metadata_props["caffe_compat.input_sizes"] = sizes.describe()
     with atomic_path(os.fspath(path)) as tmp:
         onnx_program.save(tmp, external_data=False)
+    return sizes
 
 
 def _onnx_failure(program, e: BaseException) -> str:

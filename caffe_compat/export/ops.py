@@ -26,7 +26,7 @@ from torch import Tensor
 from caffe_compat.errors import ShapeError
 
 __all__ = ["EXPORT_FORMS", "roi_pooling_form", "proposal_form", "legacy_nms", "ranked_nms",
-           "detection_output_form"]
+           "detection_output_form", "pooling_form", "upsample_form"]
 
 #: an export form: (layer module, *bottom tensors) -> tuple of tops, the forward's numbers
 ExportForm = Callable[..., Tuple[Tensor, ...]]
@@ -229,3 +229,20 @@ def upsample_form(layer, x: Tensor, *mask: Tensor) -> Tuple[Tensor]:
 
     _, _, oh, ow = layer._out_shape([tuple(x.shape), tuple(mask[0].shape)])
     return (_Unpool.apply(x, mask[0], int(oh), int(ow)),)
+
+
+@_form("Pooling")
+def pooling_form(layer, x: Tensor) -> Tuple[Tensor, ...]:
+    """Global MAX/AVE pooling over a *symbolic* (dynamic) map as a reduction (ONNX
+    ``ReduceMax``/``ReduceMean``): the layer's own forward would take the map's size as its
+    kernel, which ONNX's pooling ops need fixed.  Same numbers up to the sum's float order
+    (AVE).  Every other pooling, and any at a fixed size, is the layer's own forward."""
+    from caffe_compat.layers.vision import AVE, MAX
+
+    symbolic = x.dim() == 4 and any(isinstance(d, torch.SymInt) for d in x.shape[2:])
+    if not (symbolic and layer.global_pooling and layer.method in (MAX, AVE)
+            and len(layer.top_names) == 1):
+        return layer(x)
+    if layer.method == MAX:
+        return (x.amax(dim=(2, 3), keepdim=True),)
+    return (x.mean(dim=(2, 3), keepdim=True),)
