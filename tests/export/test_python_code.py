@@ -27,6 +27,7 @@ import torch
 from caffe_compat import Net
 from caffe_compat.export import python_code
 from caffe_compat.export.python_code import RUNTIME_MODULE, to_python
+from caffe_compat.frcnn.config import temporary_cfg
 
 from conftest import CORPUS, ROOT
 
@@ -121,6 +122,31 @@ def test_corpus_classifier(rel: str, size: int, tmp_path):
     net = Net(str(path), input_shapes={name: shape})
     _randomize(net)
     ref, got, code = _roundtrip(net, {name: _image(shape)}, tmp_path)
+    _assert_same(ref, got)
+    assert "caffe_compat" not in code
+
+
+def _every_corpus_net():
+    """test_export.py's list of every corpus deploy net (kept complete there), the heavy ones
+    under ``-m export_heavy``, and py-faster-rcnn's ZF end-to-end net, tested below."""
+    from test_export import NETS
+
+    return [pytest.param(rel, shape, marks=[pytest.mark.export_heavy] if heavy else [],
+                         id="/".join(p for p in rel.split("/")[1:] if p not in ("models", "prototxt", "examples")))
+            for rel, (shape, _dynamic, _others, heavy) in NETS.items()]
+
+
+@pytest.mark.parametrize("rel,shape", _every_corpus_net())
+def test_every_corpus_deploy_net(rel, shape, tmp_path):
+    """The generated module of every deploy net of the corpus equals the interpreter (seeded
+    weights and BatchNorm statistics; Fast R-CNN nets with their ROIs input)."""
+    from test_export import corpus_net, inputs_for
+
+    with temporary_cfg():
+        net = corpus_net(rel, shape)
+        _randomize(net)
+        inputs = {k: v.numpy() for k, v in inputs_for(net).items()}
+        ref, got, code = _roundtrip(net, inputs, tmp_path)
     _assert_same(ref, got)
     assert "caffe_compat" not in code
 
