@@ -47,7 +47,7 @@ import signal
 import sys
 import types
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -135,6 +135,9 @@ class DistContext:
     #: torchrun's MASTER_ADDR/MASTER_PORT (its key-value store): the heartbeats' own client
     master_addr: str = ""
     master_port: int = 0
+    #: the gradient syncs installed in this process (their heartbeat threads are stopped
+    #: before the group goes: a store client alive at interpreter exit aborts the process)
+    syncs: List["GradSync"] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -200,6 +203,8 @@ class DistContext:
     def close(self) -> None:
         import torch.distributed as dist
 
+        while self.syncs:
+            self.syncs.pop().close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -287,23 +292,35 @@ class GradSync:
 
         #: one store operation at a time (the heartbeat thread and the failure report)
         self._store_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         if self.store is not None:
-            threading.Thread(target=self._beat, name=f"caffe_compat-heartbeat-{ctx.rank}",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=self._beat, name=f"caffe_compat-heartbeat-{ctx.rank}",
+                                            daemon=True)
+            self._thread.start()
 
     def _beat(self) -> None:
         """Every BEAT_S: count a heartbeat and publish the iteration reached."""
-        import time
-
         rank = self.ctx.rank
-        while True:
+        store = self.store
+        while not self._stop.is_set():
             try:
                 with self._store_lock:
-                    self.store.set(f"caffe_compat/at/{rank}", str(self._at))
-                    self.store.add(f"caffe_compat/beat/{rank}", 1)
+                    store.set(f"caffe_compat/at/{rank}", str(self._at))
+                    store.add(f"caffe_compat/beat/{rank}", 1)
             except Exception:  # noqa: BLE001 -- the store went away with the job
                 return
-            time.sleep(self.BEAT_S)
+            self._stop.wait(self.BEAT_S)
+
+    def close(self) -> None:
+        """Stop the heartbeat and drop the store client (before the interpreter exits: a
+        thread inside the store's C++ client at exit aborts the process)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._store_lock:
+            self.store = None
 
     def _mark(self, iteration: int) -> None:
         """Publish the iteration whose all-reduce this rank reached (one store round trip)."""
@@ -644,7 +661,10 @@ def install(solver: Any, ctx: DistContext, *, broadcast: bool = True) -> Optiona
                  n, "" if n == 1 else "s")
     if not ctx.is_main:
         solver.test_nets = []
+    while ctx.syncs:  # an earlier stage's solver (alt-opt): its heartbeat ends here
+        ctx.syncs.pop().close()
     sync = GradSync(ctx)
+    ctx.syncs.append(sync)
     solver.grad_sync = sync
     return sync
 
