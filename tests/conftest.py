@@ -35,6 +35,9 @@ def corpus() -> pathlib.Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # the long tests (marked slow: trainings, subprocess runs, big files) first, so that the
+    # xdist workers share them from the start instead of one finishing them alone at the end
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device here")

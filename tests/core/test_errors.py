@@ -672,6 +672,7 @@ def test_cli_exit_codes_and_debug(exc, code, line):
         main.commands.pop("zz-test-fail", None)
 
 
+@pytest.mark.slow
 def test_cli_subprocess_no_traceback_without_debug(tmp_path):
     bad = write(tmp_path, "m.caffemodel", b"\x0a\x05small\xa2\x06\x10")
     net = write(tmp_path, "net.prototxt", SMALL)

@@ -250,6 +250,7 @@ def test_layer_by_layer_passes_are_linear():
     assert large < 2.25 * small, f"{small} lines for 400 layers, {large} for 800"
 
 
+@pytest.mark.slow
 def test_20000_duplicate_names_build(tmp_path):
     """The issue's case, in a subprocess under a generous bound (a limit, not a timing)."""
     code = textwrap.dedent("""\

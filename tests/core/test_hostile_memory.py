@@ -12,6 +12,8 @@ never be an internal error or out of memory.
 """
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import pathlib
@@ -215,6 +217,7 @@ def _drivers(runs: List[Tuple[str, List[str]]], cwd: pathlib.Path, groups: int =
     return ended
 
 
+@pytest.mark.slow
 def test_no_small_input_exceeds_2gib_or_a_minute(tmp_path):
     runs = make_inputs(tmp_path)
     ended = _drivers(runs, tmp_path)

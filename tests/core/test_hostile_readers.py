@@ -452,6 +452,7 @@ def _big_inputs(d: pathlib.Path):
     return runs
 
 
+@pytest.mark.slow
 def test_big_hostile_files_stay_bounded(tmp_path):
     runs = _big_inputs(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")

@@ -35,6 +35,7 @@ def test_scores_into_a_softmax_loss_do_not(loss, bottoms):
     assert Net(text, phase="train").warnings == []
 
 
+@pytest.mark.slow
 def test_corpus_nets_have_no_wiring_warnings():
     corpus = corpus_or_skip()
     warned, checked = {}, 0

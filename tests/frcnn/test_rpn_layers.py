@@ -856,6 +856,7 @@ def test_no_layer_reads_the_global_config_at_run_time():
     assert sum(1 for p in files for r in _config_reads(ast.parse(p.read_text()))) >= 4   # one per layer
 
 
+@pytest.mark.slow
 def test_registry_loads_frcnn_only_for_its_layers():
     """Building a plain net loads no py-faster-rcnn code; the first lookup of one of its
     Python layers imports the provider (lazy), and the listing is complete."""
