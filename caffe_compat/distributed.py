@@ -588,7 +588,7 @@ def launch(argv: Sequence[str], nprocs: int, *, nnodes: int = 1, node_rank: int 
                           rdzv_endpoint=rdzv_endpoint, rdzv_configs={"rank": node_rank} if nnodes > 1 else {},
                           max_restarts=0, monitor_interval=0.1, start_method="spawn",
                           signals_to_handle="SIGHUP,SIGQUIT", rdzv_timeout=int(timeout_s),
-                          shutdown_timeout=10)
+                          shutdown_timeout=3)
     saved = dict(os.environ)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

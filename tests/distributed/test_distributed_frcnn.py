@@ -121,6 +121,7 @@ FRCNN = Path(os.environ.get("CAFFE_COMPAT_CORPUS", ROOT.parent / "shared" / "cor
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # full-size ZF stage nets, four stages: ~30 s, make test-heavy
 @pytest.mark.skipif(not FRCNN.is_dir(), reason="py-faster-rcnn corpus not found")
 def test_alt_opt_runs_on_two_processes(setup, tmp_path):
     """`train-alt-opt --gpus cpu:2` (ZF's stage prototxts, 1-2 iterations per stage, 200 px

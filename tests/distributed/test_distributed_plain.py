@@ -345,13 +345,15 @@ def test_killed_rank_ends_the_job_and_resume_completes(tmp_path):
     for n in states:
         _weights(d / "out" / f"k_iter_{n}.caffemodel")   # complete and loadable
     n = states[-1]
-    r = _cli(["train", "--solver", str(s), "--gpus", "cpu:2", "--snapshot", str(d / "out" / f"k_iter_{n}.solverstate"),
+    # resumed in one process (world size 1: no process start-up; another world size resumes too)
+    r = _cli(["train", "--solver", str(s), "--gpus", "cpu:1", "--snapshot", str(d / "out" / f"k_iter_{n}.solverstate"),
               "--iters", str(n + 2), "--output", str(d / "out"), "--no-progress"], d)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (d / "out" / f"k_iter_{n + 2}.caffemodel").is_file()
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~45 s of timeouts and process start-ups: make test-heavy
 def test_hung_rank_is_named_within_the_timeout(tmp_path):
     """A rank that hangs (SIGSTOP) makes the others' all-reduce time out after
     --dist-timeout: rank 0's error names rank 1 and the iteration it last reached, and
