@@ -405,6 +405,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-heavy (2 processes, ~10 s)
 def test_sync_batchnorm_equals_one_process_with_the_joint_batch(case):
     """--sync-batchnorm: 2 processes with batch 4 normalise with the statistics of both
     batches, == one process with batch 8 (weights and running statistics, 1e-6); Caffe's
@@ -433,6 +434,7 @@ def test_sync_batchnorm_equals_one_process_with_the_joint_batch(case):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-heavy (2 processes, ~10 s)
 def test_ctrl_c_stops_every_rank_with_one_snapshot(tmp_path):
     """SIGINT to the launcher's process group (Ctrl-C in a terminal): the ranks agree on the
     stop in their all-reduce, rank 0 writes the snapshot of that iteration, exit 130."""

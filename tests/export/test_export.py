@@ -389,7 +389,7 @@ def test_proposal_layer_edge_cases_under_onnxruntime(tmp_path):
     assert counts[2] == 0 and counts[0] > 10 and counts[1] > 1 and counts[3] <= 3, counts
 
 
-@pytest.mark.parametrize("model", ["vgg_ssd_deploy.prototxt",
+@pytest.mark.parametrize("model", [pytest.param("vgg_ssd_deploy.prototxt", marks=heavy),
                                    pytest.param("mobilenet_ssd_deploy.prototxt", marks=heavy)])
 def test_ssd_tiny_exports_same_detections(model, tmp_path):
     """SSD's DetectionOutput (per-class NMS as NonMaxSuppression, top_k, keep_top_k) on
