@@ -6,7 +6,8 @@
 Nets: the five classification deploy nets of ../shared/corpus (AlexNet, GoogLeNet,
 SqueezeNet 1.1, ResNet-50, MobileNet) with seeded random weights, batch 1, same process.
 Each net is exported with ``caffe_compat.export.to_onnx`` and run by an onnxruntime
-``InferenceSession`` (CPUExecutionProvider, default graph optimizations); caffe-compat runs
+``InferenceSession`` (CPUExecutionProvider, default graph optimizations, torch's thread count,
+no spinning between runs: spinning workers would take torch's cores); caffe-compat runs
 ``Net(...).forward`` under ``torch.inference_mode()`` (the default inference plan).  Both
 alternate in 5 rounds of ``iters / 5`` forwards after a warm-up; the fastest round counts.
 The outputs are compared (max |diff| relative to caffe-compat's largest output).  With
@@ -96,7 +97,12 @@ def main() -> None:
             # static: the benchmark runs one size, and a fixed-size graph is what a
             # deployment at one size would run (no symbolic shape arithmetic in it)
             to_onnx(net, onnx_path, inputs={"data": x}, dynamic=False)
-            sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+            so = ort.SessionOptions()
+            # onnxruntime's workers spin after each run by default: in one process with torch
+            # that steals torch's cores and slows the alternating rounds; same thread count
+            so.intra_op_num_threads = torch.get_num_threads()
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess = ort.InferenceSession(onnx_path, sess_options=so, providers=["CPUExecutionProvider"])
         feed = {"data": x.numpy()}
 
         def ours():
