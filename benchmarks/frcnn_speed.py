@@ -30,7 +30,6 @@ import tempfile
 import time
 from typing import Iterator, Tuple
 
-import numpy as np
 import torch
 
 from common import CORPUS, randomize_weights, sync

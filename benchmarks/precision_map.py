@@ -12,7 +12,6 @@ the detections' class scores.  Writes one markdown table (appended to ``--table`
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import platform
 import sys

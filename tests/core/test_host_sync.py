@@ -8,10 +8,6 @@ checks raise the same errors as immediate ones.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
-import numpy as np
 import pytest
 import torch
 
