@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from caffe_compat.distributed import batch_slot
 from caffe_compat.errors import DataError, SchemaError, ShapeError
 from caffe_compat.fillers import fill
 from caffe_compat.layers.base import BuildContext, Layer, Shape
@@ -228,11 +229,10 @@ class _Sharded:
     def _skip_to_own(self) -> None:
         if self._shard is None:
             return
-        r, n, s = self._shard
         j = self._own
         self._own += 1
-        here = (j // s) * n * s + r * s + j % s
-        before = -1 if j == 0 else ((j - 1) // s) * n * s + r * s + (j - 1) % s
+        here = batch_slot(j, *self._shard)
+        before = -1 if j == 0 else batch_slot(j - 1, *self._shard)
         for _ in range(here - before - 1):
             self._skip_batch()
 
